@@ -1,0 +1,206 @@
+"""The one validation layer shared by every backend.
+
+``prepare_problem`` checks the public arguments, raises a clear ``TypeError``,
+``ValueError`` or ``IndexError`` naming the offending argument, and returns a
+:class:`ContrastiveProblem`: every input flattened to rows of length D, with the
+negative mode resolved. Backends only ever see a valid problem.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+LOSS_KINDS = ("cos_nce", "info_nce")
+REDUCTIONS = ("mean", "sum", "none")
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Negative modes.
+IN_BATCH = "in_batch"
+EXPLICIT = "explicit"
+INDEXED = "indexed"
+
+
+@dataclass
+class ContrastiveProblem:
+    """A validated loss call, with rows flattened to length ``dim``.
+
+    ``negatives`` is ``[B, K, D]`` in explicit mode, the bank ``[N, D]`` in indexed
+    mode (``None`` when the bank is the teacher itself), and ``None`` in in-batch mode.
+    """
+
+    loss: str
+    student: torch.Tensor  # [B, D]
+    teacher: torch.Tensor  # [B, D]
+    negatives: Optional[torch.Tensor]
+    neg_index: Optional[torch.Tensor]  # [B, K], int64
+    mode: str
+    num_negatives: int
+    eps: float
+    temperature: float
+
+    @property
+    def batch(self) -> int:
+        return self.student.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.student.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.student.device
+
+    @property
+    def bank_is_teacher(self) -> bool:
+        return self.mode == INDEXED and self.negatives is None
+
+
+def _check_float_tensor(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+            f"got {x.dtype}"
+        )
+
+
+def _rows(x: torch.Tensor, leading: int) -> torch.Tensor:
+    """Flatten everything after the first ``leading`` dims; copy only if the last stride is not 1."""
+    flat = x.reshape(*x.shape[:leading], -1)
+    return flat if flat.stride(-1) == 1 else flat.contiguous()
+
+
+def _check_positive_number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return float(value)
+
+
+def check_options(reduction, eps, temperature) -> tuple[float, float]:
+    """Check the keyword options shared by every loss; return (eps, temperature) as floats."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return _check_positive_number("eps", eps), _check_positive_number("temperature", temperature)
+
+
+def prepare_problem(
+    loss: str,
+    student,
+    teacher,
+    negatives=None,
+    neg_index=None,
+    *,
+    eps: float = 1e-8,
+    temperature: float = 1.0,
+) -> ContrastiveProblem:
+    """Validate a loss call and return its flattened :class:`ContrastiveProblem`."""
+    if loss not in LOSS_KINDS:
+        raise ValueError(f"loss must be one of {LOSS_KINDS}, got {loss!r}")
+    eps, temperature = check_options("mean", eps, temperature)
+
+    _check_float_tensor("student", student)
+    _check_float_tensor("teacher", teacher)
+    if student.dim() < 2:
+        raise ValueError(
+            f"student must have shape [B, *features] with at least one feature dim, "
+            f"got shape {tuple(student.shape)}"
+        )
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"student and teacher must have the same shape, got {tuple(student.shape)} "
+            f"and {tuple(teacher.shape)}"
+        )
+    batch, features = student.shape[0], tuple(student.shape[1:])
+    if batch == 0 or student.numel() == 0:
+        raise ValueError(f"student must be non-empty, got shape {tuple(student.shape)}")
+    if teacher.device != student.device:
+        raise ValueError(
+            f"teacher is on {teacher.device} but student is on {student.device}; "
+            "all inputs must be on one device"
+        )
+
+    if negatives is not None:
+        _check_float_tensor("negatives", negatives)
+        if negatives.device != student.device:
+            raise ValueError(
+                f"negatives is on {negatives.device} but student is on {student.device}; "
+                "all inputs must be on one device"
+            )
+
+    index = None
+    if neg_index is None and negatives is None:
+        mode, num_negatives = IN_BATCH, batch - 1
+        if batch < 2:
+            raise ValueError(
+                "in-batch negatives (negatives=None, neg_index=None) need a batch size B >= 2, "
+                f"got student of shape {tuple(student.shape)}"
+            )
+    elif neg_index is None:
+        mode = EXPLICIT
+        if negatives.dim() != student.dim() + 1 or negatives.shape[0] != batch or tuple(negatives.shape[2:]) != features:
+            raise ValueError(
+                f"negatives must have shape [B, K, *features] = [{batch}, K, "
+                f"{', '.join(map(str, features))}], got {tuple(negatives.shape)}"
+            )
+        num_negatives = negatives.shape[1]
+        if num_negatives == 0:
+            raise ValueError("negatives must hold K >= 1 negatives per row, got K = 0")
+    else:
+        mode = INDEXED
+        if not isinstance(neg_index, torch.Tensor):
+            raise TypeError(f"neg_index must be an integer torch.Tensor, got {type(neg_index).__name__}")
+        if neg_index.dtype.is_floating_point or neg_index.dtype.is_complex or neg_index.dtype == torch.bool:
+            raise TypeError(f"neg_index must be an integer tensor, got {neg_index.dtype}")
+        if neg_index.device != student.device:
+            raise ValueError(
+                f"neg_index is on {neg_index.device} but student is on {student.device}; "
+                "all inputs must be on one device"
+            )
+        if neg_index.dim() != 2 or neg_index.shape[0] != batch:
+            raise ValueError(f"neg_index must have shape [B, K] = [{batch}, K], got {tuple(neg_index.shape)}")
+        num_negatives = neg_index.shape[1]
+        if num_negatives == 0:
+            raise ValueError("neg_index must select K >= 1 negatives per row, got shape [B, 0]")
+        bank_name, bank = ("negatives", negatives) if negatives is not None else ("teacher", teacher)
+        if bank.dim() != student.dim() or tuple(bank.shape[1:]) != features:
+            raise ValueError(
+                f"with neg_index, {bank_name} is a bank of shape [N, *features] = "
+                f"[N, {', '.join(map(str, features))}], got {tuple(bank.shape)}"
+            )
+        bank_rows = bank.shape[0]
+        if bank_rows == 0:
+            raise ValueError(f"the negative bank ({bank_name}) is empty")
+        lo, hi = torch.aminmax(neg_index)
+        lo, hi = int(lo), int(hi)  # one host sync: an out-of-range row would read foreign memory
+        if lo < 0 or hi >= bank_rows:
+            raise IndexError(
+                f"neg_index values must lie in [0, {bank_rows}) (rows of {bank_name}), "
+                f"got values in [{lo}, {hi}]"
+            )
+        index = neg_index.to(torch.int64)
+
+    if mode == EXPLICIT:
+        flat_negatives = _rows(negatives, 2)
+    elif mode == INDEXED and negatives is not None:
+        flat_negatives = _rows(negatives, 1)
+    else:
+        flat_negatives = None
+
+    return ContrastiveProblem(
+        loss=loss,
+        student=_rows(student, 1),
+        teacher=_rows(teacher, 1),
+        negatives=flat_negatives,
+        neg_index=index,
+        mode=mode,
+        num_negatives=num_negatives,
+        eps=eps,
+        temperature=temperature,
+    )
