@@ -41,7 +41,7 @@ import os
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
+from ._autograd import single_backward
 
 from .._validation import IN_BATCH, INDEXED, ContrastiveProblem
 from ..reference import compute_dtype
@@ -466,7 +466,7 @@ class _GatherNegativesLoss(torch.autograd.Function):
         return loss.float() if acc_dtype != torch.float64 else loss
 
     @staticmethod
-    @once_differentiable
+    @single_backward
     def backward(ctx, grad_rows):
         student, teacher, negatives, neg_index, norm_s, norm_x, cos, wc, lse = ctx.saved_tensors
         is_info, eps, temperature, chunk, splits, block_k, acc = ctx.config
@@ -597,7 +597,7 @@ class _InBatchCosNCE(torch.autograd.Function):
         return loss if acc_dtype == torch.float64 else loss.float()
 
     @staticmethod
-    @once_differentiable
+    @single_backward
     def backward(ctx, grad_rows):
         student, teacher, u, norm_s, norm_t, c_pos, su = ctx.saved_tensors
         eps, acc = ctx.eps, ctx.acc
@@ -646,7 +646,7 @@ class _InBatchInfoNCE(torch.autograd.Function):
         return loss if acc_dtype == torch.float64 else loss.float()
 
     @staticmethod
-    @once_differentiable
+    @single_backward
     def backward(ctx, grad_rows):
         student, teacher, dots, norm_s, norm_t, lse, wc = ctx.saved_tensors
         need_s, need_t = ctx.needs_input_grad[:2]
