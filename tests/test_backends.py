@@ -32,7 +32,7 @@ def _backends_on(device):
 
 # (batch, K, features): D = 1, D not a multiple of any block, K = 1, B = 2, K above the
 # K-block, whole-layer [L, d] features, and D spread over several splits.
-SHAPES = [(2, 1, 1), (3, 5, 33), (5, 3, (4, 13)), (4, 17, 100), (7, 2, 257)]
+SHAPES = [(2, 1, 1), (2, 1, 2), (3, 5, 33), (5, 3, (4, 13)), (4, 17, 100), (7, 2, 257)]
 
 
 @pytest.mark.parametrize("loss", LOSSES)
