@@ -53,9 +53,23 @@ _TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
 @triton.jit
-def _finite_or_zero(x):
-    # Lanes of the online softmax that saw no entry hold -inf; shift by 0 instead (exp(-inf) = 0).
-    return tl.where(x == float("-inf"), 0.0, x)
+def _online_softmax_step(run_max, run_sum, run_pc, c, mask, inv_tau):
+    """Fold a block of cosines into per-lane running (max, sum exp, sum exp * c) of z = c / tau."""
+    z = tl.where(mask, c * inv_tau, float("-inf"))
+    new_max = tl.maximum(run_max, z)
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # a lane with no entry yet stays at 0
+    scale = tl.exp(run_max - shift)
+    p = tl.exp(z - shift)
+    return new_max, run_sum * scale + p, run_pc * scale + p * tl.where(mask, c, 0.0)
+
+
+@triton.jit
+def _online_softmax_finish(run_max, run_sum, run_pc, c_pos, inv_tau):
+    """Merge the lanes: (logsumexp_j z_j, sum_j w_j c_j) with w_j = (p_j - [j = pos]) / tau."""
+    row_max = tl.max(run_max, 0)
+    lane_scale = tl.exp(run_max - row_max)
+    total = tl.sum(run_sum * lane_scale, 0)
+    return row_max + tl.log(total), (tl.sum(run_pc * lane_scale, 0) / total - c_pos) * inv_tau
 
 
 @triton.jit
@@ -148,24 +162,14 @@ def _fwd_finalize_kernel(
         tl.store(COS + row * J + js, c, mask=j_mask)
         pos += tl.where(js == 0, c, 0.0)
         if IS_INFO:
-            z = tl.where(j_mask, c * inv_tau, float("-inf"))
-            new_max = tl.maximum(run_max, z)
-            scale = tl.exp(run_max - _finite_or_zero(new_max))  # 0 while a lane is empty
-            p = tl.exp(z - _finite_or_zero(new_max))
-            run_sum = run_sum * scale + p
-            run_pc = run_pc * scale + p * tl.where(j_mask, c, 0.0)
-            run_max = new_max
+            run_max, run_sum, run_pc = _online_softmax_step(run_max, run_sum, run_pc, c, j_mask, inv_tau)
         else:
             neg_sum += tl.where(j_mask & (js > 0), c, 0.0)
 
     c_pos = tl.sum(pos, 0)
     if IS_INFO:
-        row_max = tl.max(run_max, 0)
-        lane_scale = tl.exp(run_max - row_max)
-        total = tl.sum(run_sum * lane_scale, 0)
-        lse = row_max + tl.log(total)
+        lse, wc = _online_softmax_finish(run_max, run_sum, run_pc, c_pos, inv_tau)
         loss = lse - c_pos * inv_tau
-        wc = (tl.sum(run_pc * lane_scale, 0) / total - c_pos) * inv_tau
         tl.store(LSE + row, lse)
     else:
         loss = 2.0 - 1.5 * c_pos + 0.5 * tl.sum(neg_sum, 0) / K
@@ -327,21 +331,12 @@ def _in_batch_info_fwd_kernel(
         nt = tl.maximum(tl.load(NORM_T + js, mask=j_mask, other=1.0), eps)
         c = tl.load(DOTS + row * B + js, mask=j_mask, other=0.0) / (ns * nt)
         pos += tl.where(js == row, c, 0.0)
-        z = tl.where(j_mask, c * inv_tau, float("-inf"))
-        new_max = tl.maximum(run_max, z)
-        scale = tl.exp(run_max - _finite_or_zero(new_max))  # 0 while a lane is empty
-        p = tl.exp(z - _finite_or_zero(new_max))
-        run_sum = run_sum * scale + p
-        run_pc = run_pc * scale + p * tl.where(j_mask, c, 0.0)
-        run_max = new_max
-    row_max = tl.max(run_max, 0)
-    lane_scale = tl.exp(run_max - row_max)
-    total = tl.sum(run_sum * lane_scale, 0)
-    lse = row_max + tl.log(total)
+        run_max, run_sum, run_pc = _online_softmax_step(run_max, run_sum, run_pc, c, j_mask, inv_tau)
     c_pos = tl.sum(pos, 0)
+    lse, wc = _online_softmax_finish(run_max, run_sum, run_pc, c_pos, inv_tau)
     tl.store(LOSS + row, lse - c_pos * inv_tau)
     tl.store(LSE + row, lse)
-    tl.store(WC + row, (tl.sum(run_pc * lane_scale, 0) / total - c_pos) * inv_tau)
+    tl.store(WC + row, wc)
 
 
 @triton.jit
