@@ -1,0 +1,310 @@
+"""Kernel microbenchmark: COS-NCE and InfoNCE against eager PyTorch, torch.compile and the roofline.
+
+    python bench/bench_cos_nce.py                 # the device's default suite
+    python bench/bench_cos_nce.py --smoke         # tiny shapes, seconds (used by the tests)
+
+For each case it reports the median forward, backward and forward + backward time, the
+peak memory added by forward + backward, and the achieved bandwidth as a fraction of the
+copy bandwidth measured in the same run.
+
+The fewest bytes the op must move: the forward reads s, t and the K negatives of each row
+once; the backward reads them once more and writes grad(s). The backward must re-read,
+because autograd hands over the upstream gradient only after the forward has returned and
+the paper's shape (107 MB of fp32 inputs) does not fit on chip. So forward + backward
+counts both passes; the forward column alone is the single-pass roofline.
+
+The backward is timed alone by re-running backward on a retained graph; for that,
+torch.compile's donated buffers are switched off.
+
+Only the student requires grad, as in distillation (teacher outputs are detached), so
+"peak added memory <= 1.1x the gradient" compares with the size of grad(student).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+import lrc_kernels as lk  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Case:
+    group: str  # "paper", "cls", "bank", "sweep-D", "sweep-K", "smoke"
+    loss: str  # "cos_nce" | "info_nce"
+    mode: str  # "explicit" | "in_batch" | "indexed"
+    dtype: str
+    batch: int
+    num_neg: int
+    dim: int
+    bank_rows: int = 0
+
+    @property
+    def label(self) -> str:
+        extra = f" N={self.bank_rows}" if self.mode == "indexed" else ""
+        return f"{self.loss} {self.mode} {self.dtype} B={self.batch} K={self.num_neg} D={self.dim}{extra}"
+
+    def make_inputs(self, device):
+        dtype = DTYPES[self.dtype]
+        s = torch.randn(self.batch, self.dim, device=device, dtype=dtype, requires_grad=True)
+        t = torch.randn(self.batch, self.dim, device=device, dtype=dtype)
+        if self.mode == "explicit":
+            return s, t, torch.randn(self.batch, self.num_neg, self.dim, device=device, dtype=dtype), None
+        if self.mode == "indexed":
+            bank = torch.randn(self.bank_rows, self.dim, device=device, dtype=dtype)
+            return s, t, bank, torch.randint(0, self.bank_rows, (self.batch, self.num_neg), device=device)
+        return s, t, None, None
+
+    def min_bytes(self) -> tuple[int, int]:
+        """(forward, backward) bytes: inputs read once per pass; backward also writes grad(s)."""
+        elem = DTYPES[self.dtype].itemsize
+        rows = self.batch * (2 + (0 if self.mode == "in_batch" else self.num_neg))
+        reads = rows * self.dim * elem
+        return reads, reads + self.batch * self.dim * elem
+
+
+def suite(device: torch.device, smoke: bool) -> list[Case]:
+    if smoke:
+        return [Case("smoke", loss, mode, "fp32", 4, 3, 64, 16)
+                for loss in ("cos_nce", "info_nce") for mode in ("explicit", "in_batch", "indexed")]
+    dtypes = ["fp32", "bf16"] if device.type == "cuda" else ["fp32"]
+    cases = []
+    for dtype in dtypes:
+        for loss in ("cos_nce", "info_nce"):
+            cases += [
+                Case("paper", loss, "explicit", dtype, 16, 15, 98304),
+                Case("paper", loss, "in_batch", dtype, 16, 15, 98304),
+                Case("paper", loss, "indexed", dtype, 16, 15, 98304, 256),
+                Case("cls", loss, "in_batch", dtype, 256, 255, 768),
+                Case("bank", loss, "indexed", dtype, 64, 64, 768, 100_000 if device.type == "cuda" else 50_000),
+            ]
+        cases += [Case("sweep-D", "cos_nce", "explicit", dtype, 16, 15, d) for d in (768, 3072, 12288, 49152)]
+        cases += [Case("sweep-K", "cos_nce", "explicit", dtype, 16, k, 12288) for k in (1, 4, 63, 127)]
+    return cases
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def _finish(loss, pos, neg, temperature=0.1):
+    if loss == "cos_nce":
+        return (2.0 - 1.5 * pos + 0.5 * neg.mean(1)).mean()
+    logits = torch.cat([pos[:, None], neg], 1) / temperature
+    return (torch.logsumexp(logits, 1) - logits[:, 0]).mean()
+
+
+def naive(loss, s, t, n, idx):
+    """Gather the negatives into [B, K, D], then F.cosine_similarity."""
+    batch = s.shape[0]
+    if n is None and idx is None:
+        others = torch.tensor([[j for j in range(batch) if j != b] for b in range(batch)], device=s.device)
+        n = t[others]
+    elif idx is not None:
+        n = n[idx]
+    pos = F.cosine_similarity(s.float(), t.float(), dim=-1, eps=1e-8)
+    neg = F.cosine_similarity(s.float()[:, None], n.float(), dim=-1, eps=1e-8)
+    return _finish(loss, pos, neg)
+
+
+def eager_best(loss, s, t, n, idx):
+    """What a practitioner writes: F.normalize, then einsum (explicit/indexed) or one matmul (in-batch)."""
+    s_hat, t_hat = F.normalize(s.float(), dim=-1, eps=1e-8), F.normalize(t.float(), dim=-1, eps=1e-8)
+    pos = (s_hat * t_hat).sum(-1)
+    if n is None and idx is None:
+        cos = s_hat @ t_hat.T
+        batch = s.shape[0]
+        if loss == "cos_nce":  # the mean over j != b without materialising the off-diagonal
+            return (2.0 - 1.5 * pos + 0.5 * (cos.sum(1) - pos) / (batch - 1)).mean()
+        return F.cross_entropy(cos / 0.1, torch.arange(batch, device=s.device))
+    if idx is not None:
+        n = n[idx]
+    neg = torch.einsum("bd,bkd->bk", s_hat, F.normalize(n.float(), dim=-1, eps=1e-8))
+    return _finish(loss, pos, neg)
+
+
+def ours(backend):
+    def run(loss, s, t, n, idx):
+        fn = lk.cos_nce_loss if loss == "cos_nce" else lk.info_nce_loss
+        return fn(s, t, n, idx, backend=backend)
+
+    return run
+
+
+def implementations(device: torch.device, with_compile: bool) -> dict:
+    impls = {"naive eager": naive, "best eager": eager_best}
+    if with_compile:
+        # Donated buffers forbid retain_graph, which the backward-only timing needs.
+        import torch._functorch.config as functorch_config
+
+        functorch_config.donated_buffer = False
+        impls["torch.compile(best eager)"] = torch.compile(eager_best, dynamic=False)
+    for backend in lk.available_backends(device.type):
+        if device.type == "cpu" and backend == "triton":
+            continue  # the interpreter is a correctness tool, not a CPU backend
+        impls[f"lrc_kernels[{backend}]"] = ours(backend)
+    return impls
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def measure(case: Case, fn, device, repeats: int) -> dict:
+    rotating = common.Rotating(lambda: case.make_inputs(device), device)
+
+    def forward():
+        s, t, n, idx = rotating.next()
+        return fn(case.loss, s, t, n, idx)
+
+    def forward_backward():
+        s, t, n, idx = rotating.next()
+        torch.autograd.grad(fn(case.loss, s, t, n, idx), s)
+
+    fwd = common.median_seconds(forward, device, repeats=repeats)
+    both = common.median_seconds(forward_backward, device, repeats=repeats)
+    losses = [forward() for _ in rotating.sets]
+    state = {"i": 0}
+
+    def backward():
+        state["i"] = (state["i"] + 1) % len(rotating.sets)
+        torch.autograd.grad(losses[state["i"]], rotating.sets[state["i"]][0], retain_graph=True)
+
+    bwd = common.median_seconds(backward, device, repeats=repeats)
+    del losses
+    peak = common.peak_added_bytes(forward_backward, device)
+    return {"fwd_ms": 1e3 * fwd, "bwd_ms": 1e3 * bwd, "fwd_bwd_ms": 1e3 * both, "peak_added_bytes": peak}
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    env = common.environment(device)
+    copy_bw = common.copy_bandwidth(device, nbytes=(1 << 22) if args.smoke else (1 << 28))
+    impls = implementations(device, with_compile=not args.no_compile)
+    results = []
+    for case in suite(device, args.smoke):
+        fwd_bytes, bwd_bytes = case.min_bytes()
+        grad_bytes = case.batch * case.dim * DTYPES[case.dtype].itemsize
+        for name, fn in impls.items():
+            try:
+                row = measure(case, fn, device, args.repeats)
+            except (RuntimeError, torch.OutOfMemoryError) as exc:  # report, never hide
+                row = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+            else:
+                row["fwd_bw_fraction"] = fwd_bytes / (row["fwd_ms"] / 1e3) / copy_bw
+                row["fwd_bwd_bw_fraction"] = (fwd_bytes + bwd_bytes) / (row["fwd_bwd_ms"] / 1e3) / copy_bw
+                if row["peak_added_bytes"] is not None:
+                    row["peak_over_grad"] = row["peak_added_bytes"] / grad_bytes
+            results.append({"case": asdict(case), "label": case.label, "impl": name, **row})
+            status = row.get("error") or f"{row['fwd_bwd_ms']:.3f} ms fwd+bwd"
+            print(f"{case.label:62} {name:28} {status}", flush=True)
+    return {"env": env, "copy_bandwidth_GBps": copy_bw / 1e9, "results": results}
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def speedups(payload: dict) -> None:
+    """Add ratios against best eager and torch.compile, measured in this same run."""
+    by_label = {}
+    for r in payload["results"]:
+        by_label.setdefault(r["label"], {})[r["impl"]] = r
+    for group in by_label.values():
+        base = group.get("best eager", {}).get("fwd_bwd_ms")
+        comp = group.get("torch.compile(best eager)", {}).get("fwd_bwd_ms")
+        for r in group.values():
+            if "fwd_bwd_ms" in r:
+                r["speedup_vs_eager"] = base / r["fwd_bwd_ms"] if base else None
+                r["speedup_vs_compile"] = comp / r["fwd_bwd_ms"] if comp else None
+
+
+def markdown(payload: dict) -> str:
+    env = payload["env"]
+    head = (
+        f"Device: **{env['device']}**; torch {env['versions']['torch']}, triton {env['versions']['triton']}; "
+        f"commit `{(env['git_commit'] or '?')[:10]}`{' (dirty)' if env['git_dirty'] else ''}; {env['date']}. "
+        f"Measured copy bandwidth: {payload['copy_bandwidth_GBps']:.1f} GB/s (read + write). "
+        "Times are medians in ms; speedups are against the same run's best eager and torch.compile; "
+        "%BW is the fewest bytes / time over the copy bandwidth (forward + backward counts both passes)."
+    )
+    rows = []
+    for r in payload["results"]:
+        if "error" in r:
+            rows.append([r["label"], r["impl"], r["error"]] + [None] * 7)
+            continue
+        peak = r["peak_added_bytes"]
+        rows.append([
+            r["label"], r["impl"], r["fwd_ms"], r["bwd_ms"], r["fwd_bwd_ms"],
+            r.get("speedup_vs_eager"), r.get("speedup_vs_compile"),
+            None if peak is None else peak / 2**20, r.get("peak_over_grad"),
+            100 * r["fwd_bwd_bw_fraction"],
+        ])
+    table = common.markdown_table(
+        ["case", "impl", "fwd ms", "bwd ms", "fwd+bwd ms", "x eager", "x compile", "peak MiB", "peak/grad", "%BW"],
+        rows,
+    )
+    return head + "\n\n" + table + "\n\n![speedup and roofline](" + f"{env['device_slug']}-cos_nce.png)"
+
+
+def plot(payload: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex="col")
+    for col, (group, key) in enumerate((("sweep-D", "dim"), ("sweep-K", "num_neg"))):
+        rows = [r for r in payload["results"] if r["case"]["group"] == group and "fwd_bwd_ms" in r]
+        for impl in sorted({r["impl"] for r in rows}):
+            for dtype in sorted({r["case"]["dtype"] for r in rows}):
+                pts = sorted((r["case"][key], r) for r in rows if r["impl"] == impl and r["case"]["dtype"] == dtype)
+                if not pts:
+                    continue
+                xs = [p[0] for p in pts]
+                label = f"{impl} {dtype}"
+                axes[0, col].plot(xs, [p[1].get("speedup_vs_eager") or float("nan") for p in pts], "o-", label=label)
+                axes[1, col].plot(xs, [100 * p[1]["fwd_bwd_bw_fraction"] for p in pts], "o-", label=label)
+        axes[0, col].set_title(f"COS-NCE explicit, {group}")
+        axes[0, col].set_ylabel("speedup vs best eager (fwd+bwd)")
+        axes[1, col].set_ylabel("% of copy bandwidth (fwd+bwd)")
+        axes[1, col].set_xlabel("D" if key == "dim" else "K")
+        for ax in axes[:, col]:
+            ax.set_xscale("log", base=2)
+            ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    fig.suptitle(f"lrc_kernels COS-NCE on {payload['env']['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats per measurement on CPU")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script, not the speed")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    parser.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="results folder")
+    args = parser.parse_args(argv)
+    payload = run(args)
+    speedups(payload)
+    name = "cos_nce-smoke" if args.smoke else "cos_nce"
+    path = common.write_json(name, payload, args.out)
+    if not args.smoke:
+        plot(payload, args.out / f"{payload['env']['device_slug']}-cos_nce.png")
+        common.write_device_markdown(payload["env"]["device_slug"], {"COS-NCE kernel": markdown(payload)}, args.out)
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
