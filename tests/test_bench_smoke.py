@@ -1,0 +1,43 @@
+"""The benchmark scripts run end to end on tiny shapes (speed is measured in bench/, not here)."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+
+def test_kernel_benchmark_smoke(tmp_path):
+    import bench_cos_nce
+
+    payload = json.loads(bench_cos_nce.main(["--smoke", "--no-compile", "--repeats", "1", "--out", str(tmp_path)])
+                         .read_text())
+    assert payload["env"]["git_commit"] is None or len(payload["env"]["git_commit"]) == 40
+    impls = {r["impl"] for r in payload["results"]}
+    assert {"naive eager", "best eager", "lrc_kernels[torch]"} <= impls
+    ok = [r for r in payload["results"] if "error" not in r]
+    assert len(ok) == len(payload["results"])
+    assert all(r["fwd_ms"] > 0 and r["bwd_ms"] > 0 and r["speedup_vs_eager"] > 0 for r in ok)
+
+
+def test_cpu_peak_memory_sees_a_temporary():
+    import common
+    import torch
+
+    size = 32 << 20
+    peak = common.peak_added_bytes(lambda: torch.ones(size // 4), torch.device("cpu"))
+    if peak is None:
+        pytest.skip("no /proc/self/clear_refs here")
+    assert 0.9 * size <= peak <= 1.5 * size
+
+
+def test_distill_benchmark_smoke(tmp_path):
+    pytest.importorskip("transformers")
+    import bench_distill
+
+    payload = json.loads(bench_distill.main(["--smoke", "--out", str(tmp_path)]).read_text())
+    assert [r["op_backend"] for r in payload["train"]] == ["auto", "torch"]
+    assert payload["inference"]["smaller"] > 1
+    assert bench_distill.layer_map(4, 12) == [3, 6, 9, 12]
