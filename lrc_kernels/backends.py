@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -25,12 +26,23 @@ class Backend:
     device_types: tuple[str, ...]  # device types where it runs
     auto_priority: dict  # device type -> priority for backend="auto" (higher wins; absent = never)
     requires: tuple[str, ...] = ()  # top-level packages it needs
+    probe: Optional[str] = None  # module-level function name: a cheap "can this build/run here?"
+
+    def _module(self):
+        return importlib.import_module(self.module, __package__)
 
     def is_available(self) -> bool:
-        return all(importlib.util.find_spec(pkg) is not None for pkg in self.requires)
+        if not all(importlib.util.find_spec(pkg) is not None for pkg in self.requires):
+            return False
+        return self.probe is None or bool(getattr(self._module(), self.probe)())
 
     def load(self) -> Callable[[ContrastiveProblem], torch.Tensor]:
-        return importlib.import_module(self.module, __package__).row_losses
+        """The backend's ``row_losses``; builds it first where it is compiled (``ensure_ready``)."""
+        module = self._module()
+        ready = getattr(module, "ensure_ready", None)
+        if ready is not None:
+            ready()
+        return module.row_losses
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -44,6 +56,11 @@ def register_backend(backend: Backend) -> None:
 register_backend(Backend("torch", ".reference", ("cpu", "cuda", "mps", "xpu"), {"cpu": 0, "cuda": 0, "mps": 0, "xpu": 0}))
 # On CPU, Triton runs only under TRITON_INTERPRET=1 (for testing), so auto never picks it there.
 register_backend(Backend("triton", ".ops.cos_nce_triton", ("cuda", "cpu"), {"cuda": 10}, requires=("triton",)))
+# Built just-in-time with ninja on first use; auto prefers it on CPU once it builds.
+register_backend(Backend("cpp", ".ops.cos_nce_cpp", ("cpu",), {"cpu": 10}, requires=("ninja",),
+                         probe="compiler_present"))
+
+_FAILED: dict[str, str] = {}  # backends whose build/load failed: auto skips them, warning once
 
 
 def backend_names() -> tuple[str, ...]:
@@ -64,12 +81,23 @@ def resolve(name: str, device: torch.device) -> Callable[[ContrastiveProblem], t
     """The ``row_losses`` of the named backend, or of the fastest available one for ``auto``."""
     check_backend_name(name)
     if name == "auto":
-        candidates = [
-            b for b in _REGISTRY.values() if device.type in b.auto_priority and b.is_available()
-        ]
-        if not candidates:
-            raise RuntimeError(f"no lrc_kernels backend runs on device type {device.type!r}")
-        return max(candidates, key=lambda b: b.auto_priority[device.type]).load()
+        candidates = sorted(
+            (b for b in _REGISTRY.values()
+             if device.type in b.auto_priority and b.name not in _FAILED and b.is_available()),
+            key=lambda b: -b.auto_priority[device.type],
+        )
+        for backend in candidates:
+            try:
+                return backend.load()
+            except Exception as exc:  # a failed build must not break training: fall back, say so once
+                _FAILED[backend.name] = f"{type(exc).__name__}: {exc}"
+                warnings.warn(
+                    f"lrc_kernels: backend {backend.name!r} could not be loaded ({_FAILED[backend.name][:300]}); "
+                    "backend='auto' falls back to the next one",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+        raise RuntimeError(f"no lrc_kernels backend runs on device type {device.type!r}")
     backend = _REGISTRY[name]
     if device.type not in backend.device_types:
         raise RuntimeError(f"backend={name!r} does not run on {device.type} tensors")

@@ -139,7 +139,7 @@ def test_under_autocast(device):
         assert ((grad - proj.weight.grad).abs().max() / proj.weight.grad.abs().max()) < 3e-2
 
 
-def test_auto_picks_triton_on_cuda_and_torch_on_cpu(device, monkeypatch):
+def test_auto_picks_triton_on_cuda_and_the_native_kernel_on_cpu(device, monkeypatch):
     calls = []
     from lrc_kernels import backends
 
@@ -153,7 +153,10 @@ def test_auto_picks_triton_on_cuda_and_torch_on_cpu(device, monkeypatch):
     monkeypatch.setattr(backends, "resolve", spy)
     s, t, _, _ = make_inputs("in_batch", 3, 2, 8, torch.float32, device)
     lk.cos_nce_loss(s, t)
-    expected = "lrc_kernels.ops.cos_nce_triton" if device.type == "cuda" else "lrc_kernels.reference"
+    if device.type == "cuda":
+        expected = "lrc_kernels.ops.cos_nce_triton"
+    else:
+        expected = "lrc_kernels.ops.cos_nce_cpp" if "cpp" in lk.available_backends("cpu") else "lrc_kernels.reference"
     assert calls == [expected]
 
 

@@ -23,7 +23,7 @@ Paths:
     and one backward kernel. Indexed rows are gathered inside the kernels (64-bit
     offsets); bank gradients are scattered with fp32 atomics. No [B, K, D] temporary.
   * in-batch COS-NCE: O(B D) through sum_{j != b} cos(s_b, t_j) = s^_b . (u - t^_b),
-    u = sum_j t_j / nt_j.
+    u = sum_j t_j / nt_j; the math is in ``in_batch.py``, shared with the C++ backend.
   * in-batch InfoNCE: one GEMM on the raw inputs (the B x B dot products; no normalised
     copies), with Triton kernels turning it into cosines, the loss and the backward
     coefficients. Inputs below fp32 are upcast to fp32 for the GEMM.
@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 from ._autograd import single_backward
+from .in_batch import InBatchCosNCE
 
 from .._validation import IN_BATCH, INDEXED, ContrastiveProblem
 from ..reference import compute_dtype
@@ -572,53 +573,27 @@ def _row_combine(x, coef_x, y, coef_y, vec, coef_vec, out_dtype, acc):
     return out
 
 
-class _InBatchCosNCE(torch.autograd.Function):
-    """In-batch COS-NCE in O(B D): the negatives' cosines sum to s^_b . (u - t^_b)."""
+class _TritonRowPrimitives:
+    """The streaming primitives of the shared in-batch COS-NCE (``in_batch.InBatchCosNCE``)."""
 
-    @staticmethod
-    def forward(ctx, student, teacher, eps):
-        acc_dtype, acc = _acc(student, teacher)
-        batch = student.shape[0]
-        with _device_guard(student.device):
-            norm_s, norm_t, dot_st = _row_stats(student, teacher, acc_dtype, acc)
-            ns, nt = norm_s.clamp_min(eps), norm_t.clamp_min(eps)
-            u = _weighted_colsum(teacher, 1.0 / nt, acc_dtype, acc)  # sum_j t^_j
-            su = _row_dot_vec(student, u, acc)
-        c_pos = dot_st / (ns * nt)
-        neg_sum = su / ns - c_pos
-        loss = 2.0 - 1.5 * c_pos + 0.5 * neg_sum / (batch - 1)
-        ctx.save_for_backward(student, teacher, u, norm_s, norm_t, c_pos, su)
-        ctx.eps, ctx.acc = eps, acc
-        return loss if acc_dtype == torch.float64 else loss.float()
+    def __init__(self, acc_dtype: torch.dtype):
+        self.acc_dtype, self.acc = acc_dtype, _TL_DTYPE[acc_dtype]
 
-    @staticmethod
-    @single_backward
-    def backward(ctx, grad_rows):
-        student, teacher, u, norm_s, norm_t, c_pos, su = ctx.saved_tensors
-        eps, acc = ctx.eps, ctx.acc
-        need_s, need_t = ctx.needs_input_grad[:2]
-        num_neg = student.shape[0] - 1
-        a, beta = -1.5 - 0.5 / num_neg, 0.5 / num_neg  # L_b = 2 + s^_b . (a t^_b + beta u)
-        go = grad_rows.to(u.dtype)
-        ns, nt = norm_s.clamp_min(eps), norm_t.clamp_min(eps)
-        on_s, on_t = (norm_s >= eps).to(u.dtype), (norm_t >= eps).to(u.dtype)
-        grad_s = grad_t = None
-        with _device_guard(student.device):
-            if need_s:
-                s_dot_v = a * c_pos + beta * su / ns  # s^_b . v_b
-                grad_s = _row_combine(
-                    student, -go * s_dot_v * on_s / ns**2, teacher, go * a / (ns * nt),
-                    u, go * beta / ns, student.dtype, acc,
-                )
-            if need_t:
-                z = _weighted_colsum(student, go / ns, u.dtype, acc)  # sum_b go_b s^_b
-                tz = _row_dot_vec(teacher, z, acc)
-                t_dot_g = go * a * c_pos + beta * tz / nt  # t^_j . G_j
-                grad_t = _row_combine(
-                    teacher, -t_dot_g * on_t / nt**2, student, go * a / (ns * nt),
-                    z, torch.full_like(nt, beta) / nt, teacher.dtype, acc,
-                )
-        return grad_s, grad_t, None
+    def row_stats(self, x, y):
+        with _device_guard(x.device):
+            return _row_stats(x, y, self.acc_dtype, self.acc)
+
+    def weighted_colsum(self, x, w):
+        with _device_guard(x.device):
+            return _weighted_colsum(x, w.to(self.acc_dtype), self.acc_dtype, self.acc)
+
+    def row_dot_vec(self, x, v):
+        with _device_guard(x.device):
+            return _row_dot_vec(x, v, self.acc)
+
+    def row_combine(self, x, a, y, c, v, e, out_dtype):
+        with _device_guard(x.device):
+            return _row_combine(x, a, y, c, v, e, out_dtype, self.acc)
 
 
 class _InBatchInfoNCE(torch.autograd.Function):
@@ -677,7 +652,8 @@ def row_losses(problem: ContrastiveProblem) -> torch.Tensor:
     if problem.mode == IN_BATCH:
         if is_info:
             return _InBatchInfoNCE.apply(problem.student, problem.teacher, problem.eps, problem.temperature)
-        return _InBatchCosNCE.apply(problem.student, problem.teacher, problem.eps)
+        acc_dtype, _ = _acc(problem.student, problem.teacher)
+        return InBatchCosNCE.apply(problem.student, problem.teacher, problem.eps, _TritonRowPrimitives(acc_dtype))
     neg_index = problem.neg_index.contiguous() if problem.mode == INDEXED else None
     return _GatherNegativesLoss.apply(
         problem.student, problem.teacher, problem.negatives, neg_index, is_info, problem.eps, problem.temperature

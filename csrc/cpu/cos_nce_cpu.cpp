@@ -1,0 +1,365 @@
+// Fused CPU primitives of the COS-NCE / InfoNCE op (backend "cpp").
+//
+// Two streaming passes carry the cost; everything per row of size B x (K + 1) is left to
+// torch on the Python side (lrc_kernels/ops/cos_nce_cpp.py), where the math is documented.
+//
+//   partials:          ss[b] = |s_b|^2, dot[b, j] = s_b . x_bj, xx[b, j] = |x_bj|^2
+//                      (x_b0 = t_b, x_bk = k-th negative, gathered in place by index)
+//   weighted_backward: grad s_b  = sigma_b s_b + sum_j A_bj x_bj
+//                      grad x_bj = A_bj s_b + G_bj x_bj    (summed over repeats of a bank row)
+//
+// Work is split into (row, D-chunk) tasks so that B = 16 still fills every core and the
+// student chunk stays in L1 while the K + 1 rows stream past it. Inputs may mix dtypes;
+// each chunk is converted once to the accumulation type (float, or double for fp64).
+// Bank gradients are accumulated by owner (a CSR of the index), so no atomics and the
+// result is deterministic.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kChunk = 4096;  // elements per task: 16 KiB of fp32, two of them fit L1
+
+enum Mode : int64_t { kNone = 0, kExplicit = 1, kBank = 2, kTeacherBank = 3 };
+
+// A [rows, D] view of a tensor with unit stride along D.
+struct Rows {
+  const char* base = nullptr;
+  int64_t stride = 0;  // elements between rows
+  int64_t elem = 0;
+  at::ScalarType dtype = at::kFloat;
+  Rows() = default;
+  explicit Rows(const at::Tensor& t)
+      : base(static_cast<const char*>(t.data_ptr())), stride(t.stride(0)), elem(t.element_size()),
+        dtype(t.scalar_type()) {}
+  const char* row(int64_t r) const { return base + r * stride * elem; }
+};
+
+// Where the k-th negative of row b lives.
+struct Negatives {
+  Mode mode = kNone;
+  Rows rows;                        // bank rows, the teacher, or explicit negatives
+  int64_t stride_b = 0, stride_k = 0;  // explicit: element strides of [B, K, D]
+  const int64_t* index = nullptr;   // indexed: [B, K]
+  int64_t num_neg = 0;
+  const char* row(int64_t b, int64_t k) const {
+    if (mode == kExplicit) return rows.base + (b * stride_b + k * stride_k) * rows.elem;
+    return rows.row(index[b * num_neg + k]);
+  }
+};
+
+// Loops with pragmas live in helpers: a pragma cannot sit inside a dispatch macro's argument.
+template <typename src_t, typename dst_t>
+inline void convert(const src_t* src, int64_t n, dst_t* dst) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<dst_t>(src[i]);
+}
+
+template <typename acc_t>
+const acc_t* load(const char* ptr, at::ScalarType dtype, int64_t n, acc_t* buf) {
+  if (dtype == c10::CppTypeToScalarType<acc_t>::value) return reinterpret_cast<const acc_t*>(ptr);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "lrc_kernels_load", [&] {
+    convert(reinterpret_cast<const scalar_t*>(ptr), n, buf);
+  });
+  return buf;
+}
+
+template <typename acc_t>
+void store(const acc_t* src, at::ScalarType dtype, int64_t n, char* ptr) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "lrc_kernels_store", [&] {
+    convert(src, n, reinterpret_cast<scalar_t*>(ptr));
+  });
+}
+
+// out = a x + c y + e v
+template <typename acc_t>
+inline void combine(acc_t a, const acc_t* x, acc_t c, const acc_t* y, acc_t e, const acc_t* v, int64_t n,
+                    acc_t* out) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = a * x[i] + c * y[i] + (v ? e * v[i] : acc_t(0));
+}
+
+template <typename acc_t>
+inline void dot_and_square(const acc_t* a, const acc_t* x, int64_t n, acc_t& dot, acc_t& sq) {
+  acc_t d = 0, q = 0;
+#pragma omp simd reduction(+ : d, q)
+  for (int64_t i = 0; i < n; ++i) {
+    d += a[i] * x[i];
+    q += x[i] * x[i];
+  }
+  dot += d;
+  sq += q;
+}
+
+template <typename acc_t>
+inline void axpy(acc_t alpha, const acc_t* x, int64_t n, acc_t* y) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+at::ScalarType acc_type(std::initializer_list<at::ScalarType> dtypes) {
+  for (auto d : dtypes)
+    if (d == at::kDouble) return at::kDouble;
+  return at::kFloat;
+}
+
+#define LRC_DISPATCH_ACC(ACC, ...)                                  \
+  [&] {                                                             \
+    if ((ACC) == at::kDouble) {                                     \
+      using acc_t = double;                                         \
+      return __VA_ARGS__();                                         \
+    } else {                                                        \
+      using acc_t = float;                                          \
+      return __VA_ARGS__();                                         \
+    }                                                               \
+  }()
+
+Negatives make_negatives(int64_t mode, const at::Tensor& teacher, const at::Tensor& negatives,
+                         const at::Tensor& index) {
+  Negatives neg;
+  neg.mode = static_cast<Mode>(mode);
+  if (neg.mode == kExplicit) {
+    neg.rows = Rows(negatives.select(1, 0));
+    neg.rows.base = static_cast<const char*>(negatives.data_ptr());
+    neg.stride_b = negatives.stride(0);
+    neg.stride_k = negatives.stride(1);
+    neg.num_neg = negatives.size(1);
+  } else if (neg.mode == kBank || neg.mode == kTeacherBank) {
+    neg.rows = Rows(neg.mode == kBank ? negatives : teacher);
+    neg.index = index.data_ptr<int64_t>();
+    neg.num_neg = index.size(1);
+  }
+  return neg;
+}
+
+void check_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.stride(-1) == 1, name, " must have unit stride in its last dim");
+}
+
+}  // namespace
+
+// Returns (ss [B], dot [B, K + 1], xx [B, K + 1]) in the accumulation dtype.
+std::vector<at::Tensor> partials(const at::Tensor& student, const at::Tensor& teacher,
+                                 const at::Tensor& negatives, const at::Tensor& index, int64_t mode) {
+  check_rows(student, "student");
+  check_rows(teacher, "teacher");
+  const int64_t B = student.size(0), D = student.size(1);
+  const Negatives neg = make_negatives(mode, teacher, negatives, index);
+  const int64_t J = neg.num_neg + 1, chunks = (D + kChunk - 1) / kChunk;
+  const Rows s_rows(student), t_rows(teacher);
+  const auto acc = acc_type({student.scalar_type(), teacher.scalar_type(),
+                             negatives.defined() ? negatives.scalar_type() : at::kFloat});
+  auto opts = student.options().dtype(acc);
+  auto part_ss = at::zeros({B, chunks}, opts);
+  auto part_dot = at::zeros({B, chunks, J}, opts);
+  auto part_xx = at::zeros({B, chunks, J}, opts);
+  LRC_DISPATCH_ACC(acc, [&] {
+    acc_t* pss = part_ss.data_ptr<acc_t>();
+    acc_t* pdot = part_dot.data_ptr<acc_t>();
+    acc_t* pxx = part_xx.data_ptr<acc_t>();
+    at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> s_buf(kChunk), x_buf(kChunk);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / chunks, c = task % chunks;
+        const int64_t d0 = c * kChunk, n = std::min(kChunk, D - d0);
+        const acc_t* s = load<acc_t>(s_rows.row(b) + d0 * s_rows.elem, s_rows.dtype, n, s_buf.data());
+        acc_t ss = 0, unused = 0;
+        dot_and_square<acc_t>(s, s, n, unused, ss);
+        pss[task] = ss;
+        acc_t* dot = pdot + task * J;
+        acc_t* xx = pxx + task * J;
+        const acc_t* t = load<acc_t>(t_rows.row(b) + d0 * t_rows.elem, t_rows.dtype, n, x_buf.data());
+        dot_and_square<acc_t>(s, t, n, dot[0], xx[0]);
+        for (int64_t k = 0; k < neg.num_neg; ++k) {
+          const acc_t* x = load<acc_t>(neg.row(b, k) + d0 * neg.rows.elem, neg.rows.dtype, n, x_buf.data());
+          dot_and_square<acc_t>(s, x, n, dot[1 + k], xx[1 + k]);
+        }
+      }
+    });
+  });
+  return {part_ss.sum(1), part_dot.sum(1), part_xx.sum(1)};
+}
+
+// grad s_b = sigma_b s_b + sum_j A_bj x_bj;  grad x_bj = A_bj s_b + G_bj x_bj.
+// Returns (grad_student, grad_teacher, grad_negatives); undefined where not asked for.
+std::vector<at::Tensor> weighted_backward(const at::Tensor& student, const at::Tensor& teacher,
+                                          const at::Tensor& negatives, const at::Tensor& index, int64_t mode,
+                                          const at::Tensor& coef_a, const at::Tensor& coef_g,
+                                          const at::Tensor& sigma, bool need_s, bool need_t, bool need_n) {
+  const int64_t B = student.size(0), D = student.size(1);
+  const Negatives neg = make_negatives(mode, teacher, negatives, index);
+  const int64_t K = neg.num_neg, J = K + 1, chunks = (D + kChunk - 1) / kChunk;
+  const Rows s_rows(student), t_rows(teacher);
+  const auto acc = coef_a.scalar_type();
+  at::Tensor grad_s, grad_t, grad_n;
+  if (need_s) grad_s = at::empty({B, D}, student.options());
+  // Teacher rows are written directly unless the teacher is also the negative bank.
+  const bool teacher_direct = need_t && mode != kTeacherBank;
+  if (need_t) grad_t = teacher_direct ? at::empty({B, D}, teacher.options()) : at::zeros({B, D}, teacher.options());
+  if (need_n) grad_n = mode == kExplicit ? at::empty(negatives.sizes(), negatives.options())
+                                          : at::zeros(negatives.sizes(), negatives.options());
+  LRC_DISPATCH_ACC(acc, [&] {
+    const acc_t* A = coef_a.data_ptr<acc_t>();
+    const acc_t* G = coef_g.data_ptr<acc_t>();
+    const acc_t* S = sigma.data_ptr<acc_t>();
+    const bool explicit_n = need_n && mode == kExplicit;
+    if (need_s || teacher_direct || explicit_n) {
+      at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> s_buf(kChunk), x_buf(kChunk), out(kChunk), gs(kChunk);
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t b = task / chunks, c = task % chunks;
+          const int64_t d0 = c * kChunk, n = std::min(kChunk, D - d0);
+          const acc_t* s = load<acc_t>(s_rows.row(b) + d0 * s_rows.elem, s_rows.dtype, n, s_buf.data());
+          if (need_s)
+            for (int64_t i = 0; i < n; ++i) gs[i] = S[b] * s[i];
+          for (int64_t j = 0; j < J; ++j) {
+            const bool is_t = j == 0;
+            const char* row = is_t ? t_rows.row(b) : neg.row(b, j - 1);
+            const Rows& src = is_t ? t_rows : neg.rows;
+            const acc_t* x = load<acc_t>(row + d0 * src.elem, src.dtype, n, x_buf.data());
+            const acc_t a = A[b * J + j];
+            if (need_s) axpy<acc_t>(a, x, n, gs.data());
+            const bool write = is_t ? teacher_direct : explicit_n;
+            if (write) {
+              combine<acc_t>(a, s, G[b * J + j], x, 0, nullptr, n, out.data());
+              at::Tensor& dst = is_t ? grad_t : grad_n;
+              char* p = static_cast<char*>(dst.data_ptr()) +
+                        (is_t ? b * D : (b * K + (j - 1)) * D) * dst.element_size() + d0 * dst.element_size();
+              store<acc_t>(out.data(), dst.scalar_type(), n, p);
+            }
+          }
+          if (need_s)
+            store<acc_t>(gs.data(), grad_s.scalar_type(), n,
+                         static_cast<char*>(grad_s.data_ptr()) + (b * D + d0) * grad_s.element_size());
+        }
+      });
+    }
+    // Bank rows (or teacher rows, when the teacher is the bank): each task owns a bank row.
+    const bool bank_grad = (mode == kBank && need_n) || (mode == kTeacherBank && need_t);
+    if (bank_grad) {
+      at::Tensor& dst = mode == kBank ? grad_n : grad_t;
+      const Rows bank = neg.rows;
+      const int64_t N = dst.size(0);
+      // CSR of the (b, j) pairs that read each bank row; in teacher mode positives count too.
+      std::vector<int64_t> start(N + 1, 0), pairs;
+      auto row_of = [&](int64_t b, int64_t j) -> int64_t { return j == 0 ? b : neg.index[b * K + j - 1]; };
+      const int64_t j0 = mode == kTeacherBank ? 0 : 1;
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t j = j0; j < J; ++j) ++start[row_of(b, j) + 1];
+      for (int64_t r = 0; r < N; ++r) start[r + 1] += start[r];
+      pairs.resize(start[N]);
+      std::vector<int64_t> fill(start.begin(), start.end() - 1);
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t j = j0; j < J; ++j) pairs[fill[row_of(b, j)]++] = b * J + j;
+      std::vector<int64_t> used;
+      for (int64_t r = 0; r < N; ++r)
+        if (start[r + 1] > start[r]) used.push_back(r);
+      const int64_t tasks = static_cast<int64_t>(used.size()) * chunks;
+      at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> s_buf(kChunk), x_buf(kChunk), out(kChunk);
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t r = used[task / chunks], c = task % chunks;
+          const int64_t d0 = c * kChunk, n = std::min(kChunk, D - d0);
+          std::fill(out.begin(), out.begin() + n, acc_t(0));
+          acc_t self = 0;
+          for (int64_t p = start[r]; p < start[r + 1]; ++p) {
+            const int64_t bj = pairs[p], b = bj / J;
+            const acc_t* s = load<acc_t>(s_rows.row(b) + d0 * s_rows.elem, s_rows.dtype, n, s_buf.data());
+            axpy<acc_t>(A[bj], s, n, out.data());
+            self += G[bj];
+          }
+          const acc_t* x = load<acc_t>(bank.row(r) + d0 * bank.elem, bank.dtype, n, x_buf.data());
+          axpy<acc_t>(self, x, n, out.data());
+          store<acc_t>(out.data(), dst.scalar_type(), n,
+                       static_cast<char*>(dst.data_ptr()) + (r * D + d0) * dst.element_size());
+        }
+      });
+    }
+  });
+  return {grad_s, grad_t, grad_n};
+}
+
+// out[d] = sum_b w[b] x[b, d]   (w and out in the accumulation dtype)
+at::Tensor weighted_colsum(const at::Tensor& x, const at::Tensor& w) {
+  check_rows(x, "x");
+  const int64_t B = x.size(0), D = x.size(1), chunks = (D + kChunk - 1) / kChunk;
+  auto out = at::zeros({D}, w.options());
+  const Rows rows(x);
+  LRC_DISPATCH_ACC(w.scalar_type(), [&] {
+    const acc_t* pw = w.data_ptr<acc_t>();
+    acc_t* po = out.data_ptr<acc_t>();
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> buf(kChunk);
+      for (int64_t c = begin; c < end; ++c) {
+        const int64_t d0 = c * kChunk, n = std::min(kChunk, D - d0);
+        for (int64_t b = 0; b < B; ++b)
+          axpy<acc_t>(pw[b], load<acc_t>(rows.row(b) + d0 * rows.elem, rows.dtype, n, buf.data()), n, po + d0);
+      }
+    });
+  });
+  return out;
+}
+
+// out[b] = x[b] . v
+at::Tensor row_dot_vec(const at::Tensor& x, const at::Tensor& v) {
+  check_rows(x, "x");
+  const int64_t B = x.size(0), D = x.size(1);
+  auto out = at::empty({B}, v.options());
+  const Rows rows(x);
+  LRC_DISPATCH_ACC(v.scalar_type(), [&] {
+    const acc_t* pv = v.data_ptr<acc_t>();
+    acc_t* po = out.data_ptr<acc_t>();
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> buf(kChunk);
+      for (int64_t b = begin; b < end; ++b) {
+        acc_t dot = 0, unused = 0;
+        for (int64_t d0 = 0; d0 < D; d0 += kChunk) {
+          const int64_t n = std::min(kChunk, D - d0);
+          dot_and_square<acc_t>(pv + d0, load<acc_t>(rows.row(b) + d0 * rows.elem, rows.dtype, n, buf.data()), n,
+                                dot, unused);
+        }
+        po[b] = dot;
+      }
+    });
+  });
+  return out;
+}
+
+// out[b] = a[b] x[b] + c[b] y[b] + e[b] v, in out_dtype.
+at::Tensor row_combine(const at::Tensor& x, const at::Tensor& a, const at::Tensor& y, const at::Tensor& c,
+                       const at::Tensor& v, const at::Tensor& e, at::ScalarType out_dtype) {
+  check_rows(x, "x");
+  check_rows(y, "y");
+  const int64_t B = x.size(0), D = x.size(1), chunks = (D + kChunk - 1) / kChunk;
+  auto out = at::empty({B, D}, x.options().dtype(out_dtype));
+  const Rows xr(x), yr(y);
+  LRC_DISPATCH_ACC(v.scalar_type(), [&] {
+    const acc_t *pa = a.data_ptr<acc_t>(), *pc = c.data_ptr<acc_t>(), *pe = e.data_ptr<acc_t>();
+    const acc_t* pv = v.data_ptr<acc_t>();
+    at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> xb(kChunk), yb(kChunk), ob(kChunk);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / chunks, d0 = (task % chunks) * kChunk, n = std::min(kChunk, D - d0);
+        const acc_t* xs = load<acc_t>(xr.row(b) + d0 * xr.elem, xr.dtype, n, xb.data());
+        const acc_t* ys = load<acc_t>(yr.row(b) + d0 * yr.elem, yr.dtype, n, yb.data());
+        combine<acc_t>(pa[b], xs, pc[b], ys, pe[b], pv + d0, n, ob.data());
+        store<acc_t>(ob.data(), out_dtype, n, static_cast<char*>(out.data_ptr()) + (b * D + d0) * out.element_size());
+      }
+    });
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "lrc_kernels fused CPU primitives (see lrc_kernels/ops/cos_nce_cpp.py)";
+  m.def("partials", &partials);
+  m.def("weighted_backward", &weighted_backward);
+  m.def("weighted_colsum", &weighted_colsum);
+  m.def("row_dot_vec", &row_dot_vec);
+  m.def("row_combine", &row_combine);
+}
