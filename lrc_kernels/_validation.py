@@ -177,8 +177,9 @@ def prepare_problem(
         bank_rows = bank.shape[0]
         if bank_rows == 0:
             raise ValueError(f"the negative bank ({bank_name}) is empty")
-        lo, hi = torch.aminmax(neg_index)
-        lo, hi = int(lo), int(hi)  # one host sync: an out-of-range row would read foreign memory
+        # One host sync: an out-of-range row would read foreign memory. Inside torch.compile
+        # graphs the kernels check instead (no data-dependent Python there).
+        lo, hi = (0, 0) if torch.compiler.is_compiling() else (int(v) for v in torch.aminmax(neg_index))
         if lo < 0 or hi >= bank_rows:
             raise IndexError(
                 f"neg_index values must lie in [0, {bank_rows}) (rows of {bank_name}), "

@@ -2,17 +2,20 @@
 
 A backend is a function ``row_losses(problem) -> Tensor[B]`` (fp32, or fp64 for
 fp64 inputs) that is differentiable with respect to the problem's tensors. New
-backends (the native ``cpp`` and ``cuda`` kernels) register here; nothing in the
-public API changes.
+backends (for example a native CUDA kernel) register here; nothing in the public
+API changes.
+
+The resolution code is written so that ``torch.compile(fullgraph=True)`` can trace it:
+modules are imported by plain ``import`` statements inside loader functions, and the
+availability probes (which touch the file system) run once, outside the graph.
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import warnings
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -22,30 +25,47 @@ from ._validation import ContrastiveProblem
 @dataclass(frozen=True)
 class Backend:
     name: str
-    module: str  # imported on first use
+    loader: Callable[[], object]  # returns the module holding row_losses (and maybe ensure_ready)
     device_types: tuple[str, ...]  # device types where it runs
-    auto_priority: dict  # device type -> priority for backend="auto" (higher wins; absent = never)
+    auto_priority: dict = field(default_factory=dict)  # device type -> priority for "auto" (absent: never)
     requires: tuple[str, ...] = ()  # top-level packages it needs
-    probe: Optional[str] = None  # module-level function name: a cheap "can this build/run here?"
-
-    def _module(self):
-        return importlib.import_module(self.module, __package__)
-
-    def is_available(self) -> bool:
-        if not all(importlib.util.find_spec(pkg) is not None for pkg in self.requires):
-            return False
-        return self.probe is None or bool(getattr(self._module(), self.probe)())
+    probe: Callable[[], bool] | None = None  # cheap "can it build/run here?", no compiling
 
     def load(self) -> Callable[[ContrastiveProblem], torch.Tensor]:
         """The backend's ``row_losses``; builds it first where it is compiled (``ensure_ready``)."""
-        module = self._module()
+        module = self.loader()
         ready = getattr(module, "ensure_ready", None)
-        if ready is not None:
+        if ready is not None and not torch.compiler.is_compiling():
             ready()
         return module.row_losses
 
 
+def _load_reference():
+    from . import reference
+
+    return reference
+
+
+def _load_triton():
+    from .ops import cos_nce_triton
+
+    return cos_nce_triton
+
+
+def _load_cpp():
+    from .ops import cos_nce_cpp
+
+    return cos_nce_cpp
+
+
+def _cpp_compiler_present() -> bool:
+    from .ops import cos_nce_cpp
+
+    return cos_nce_cpp.compiler_present()
+
+
 _REGISTRY: dict[str, Backend] = {}
+_FAILED: dict[str, str] = {}  # backends whose build/load failed: auto skips them, warning once
 
 
 def register_backend(backend: Backend) -> None:
@@ -53,14 +73,12 @@ def register_backend(backend: Backend) -> None:
     _REGISTRY[backend.name] = backend
 
 
-register_backend(Backend("torch", ".reference", ("cpu", "cuda", "mps", "xpu"), {"cpu": 0, "cuda": 0, "mps": 0, "xpu": 0}))
+register_backend(Backend("torch", _load_reference, ("cpu", "cuda", "mps", "xpu"),
+                         {"cpu": 0, "cuda": 0, "mps": 0, "xpu": 0}))
 # On CPU, Triton runs only under TRITON_INTERPRET=1 (for testing), so auto never picks it there.
-register_backend(Backend("triton", ".ops.cos_nce_triton", ("cuda", "cpu"), {"cuda": 10}, requires=("triton",)))
+register_backend(Backend("triton", _load_triton, ("cuda", "cpu"), {"cuda": 10}, requires=("triton",)))
 # Built just-in-time with ninja on first use; auto prefers it on CPU once it builds.
-register_backend(Backend("cpp", ".ops.cos_nce_cpp", ("cpu",), {"cpu": 10}, requires=("ninja",),
-                         probe="compiler_present"))
-
-_FAILED: dict[str, str] = {}  # backends whose build/load failed: auto skips them, warning once
+register_backend(Backend("cpp", _load_cpp, ("cpu",), {"cpu": 10}, requires=("ninja",), probe=_cpp_compiler_present))
 
 
 def backend_names() -> tuple[str, ...]:
@@ -72,9 +90,19 @@ def check_backend_name(name) -> None:
         raise ValueError(f"backend must be one of {backend_names()}, got {name!r}")
 
 
+@torch.compiler.assume_constant_result
+def _is_available(name: str) -> bool:
+    """Touches the file system, so dynamo runs it once and keeps the answer."""
+    backend = _REGISTRY[name]
+    if not all(importlib.util.find_spec(pkg) is not None for pkg in backend.requires):
+        return False
+    return backend.probe is None or bool(backend.probe())
+
+
 def available_backends(device_type: str = "cpu") -> list[str]:
-    """Backends that can run on ``device_type`` in this environment."""
-    return [b.name for b in _REGISTRY.values() if device_type in b.device_types and b.is_available()]
+    """Backends that can run on ``device_type`` in this environment (not counting failed builds)."""
+    return [b.name for b in _REGISTRY.values()
+            if device_type in b.device_types and b.name not in _FAILED and _is_available(b.name)]
 
 
 def resolve(name: str, device: torch.device) -> Callable[[ContrastiveProblem], torch.Tensor]:
@@ -83,7 +111,7 @@ def resolve(name: str, device: torch.device) -> Callable[[ContrastiveProblem], t
     if name == "auto":
         candidates = sorted(
             (b for b in _REGISTRY.values()
-             if device.type in b.auto_priority and b.name not in _FAILED and b.is_available()),
+             if device.type in b.auto_priority and b.name not in _FAILED and _is_available(b.name)),
             key=lambda b: -b.auto_priority[device.type],
         )
         for backend in candidates:
@@ -101,6 +129,7 @@ def resolve(name: str, device: torch.device) -> Callable[[ContrastiveProblem], t
     backend = _REGISTRY[name]
     if device.type not in backend.device_types:
         raise RuntimeError(f"backend={name!r} does not run on {device.type} tensors")
-    if not backend.is_available():
-        raise RuntimeError(f"backend={name!r} needs {', '.join(backend.requires)}, which is not installed")
+    if not _is_available(name):
+        needs = ", ".join(backend.requires) or "its toolchain"
+        raise RuntimeError(f"backend={name!r} is not available here (it needs {needs}, and a C++ compiler for cpp)")
     return backend.load()

@@ -129,9 +129,15 @@ Negatives make_negatives(int64_t mode, const at::Tensor& teacher, const at::Tens
     neg.stride_k = negatives.stride(1);
     neg.num_neg = negatives.size(1);
   } else if (neg.mode == kBank || neg.mode == kTeacherBank) {
-    neg.rows = Rows(neg.mode == kBank ? negatives : teacher);
+    const at::Tensor& bank = neg.mode == kBank ? negatives : teacher;
+    neg.rows = Rows(bank);
     neg.index = index.data_ptr<int64_t>();
     neg.num_neg = index.size(1);
+    // The Python layer checks this too, except inside torch.compile graphs.
+    const int64_t rows = bank.size(0);
+    for (int64_t i = 0; i < index.numel(); ++i)
+      TORCH_CHECK_INDEX(neg.index[i] >= 0 && neg.index[i] < rows, "neg_index values must lie in [0, ", rows,
+                        "), got ", neg.index[i]);
   }
   return neg;
 }
