@@ -23,6 +23,7 @@ Only the student requires grad, as in distillation (teacher outputs are detached
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -147,6 +148,8 @@ def implementations(device: torch.device, with_compile: bool) -> dict:
         import torch._functorch.config as functorch_config
 
         functorch_config.donated_buffer = False
+        # A fresh compile per case: past dynamo's recompile limit, calls would silently run eagerly.
+        torch._dynamo.reset()
         impls["torch.compile(best eager)"] = torch.compile(eager_best, dynamic=False)
     for backend in lk.available_backends(device.type):
         if device.type == "cpu" and backend == "triton":
@@ -179,9 +182,17 @@ def measure(case: Case, fn, device, repeats: int) -> dict:
         torch.autograd.grad(losses[state["i"]], rotating.sets[state["i"]][0], retain_graph=True)
 
     bwd = common.median_seconds(backward, device, repeats=repeats)
-    del losses
-    peak = common.peak_added_bytes(forward_backward, device)
-    return {"fwd_ms": 1e3 * fwd, "bwd_ms": 1e3 * bwd, "fwd_bwd_ms": 1e3 * both, "peak_added_bytes": peak}
+    return {"fwd_ms": 1e3 * fwd, "bwd_ms": 1e3 * bwd, "fwd_bwd_ms": 1e3 * both}
+
+
+def measure_peak(case: Case, fn, device) -> int | None:
+    s, t, n, idx = case.make_inputs(device)
+
+    def forward_backward():
+        torch.autograd.grad(fn(case.loss, s, t, n, idx), s)
+
+    forward_backward()  # one-time costs (extension loading, compiling) are not the op's memory
+    return common.peak_added_bytes(forward_backward, device)
 
 
 def run(args) -> dict:
@@ -189,11 +200,10 @@ def run(args) -> dict:
     torch.manual_seed(0)
     env = common.environment(device)
     copy_bw = common.copy_bandwidth(device, nbytes=(1 << 22) if args.smoke else (1 << 28))
-    impls = implementations(device, with_compile=not args.no_compile)
     results = []
     for case in suite(device, args.smoke):
         fwd_bytes, bwd_bytes = case.min_bytes()
-        grad_bytes = case.batch * case.dim * DTYPES[case.dtype].itemsize
+        impls = implementations(device, with_compile=not args.no_compile)
         for name, fn in impls.items():
             try:
                 row = measure(case, fn, device, args.repeats)
@@ -202,12 +212,33 @@ def run(args) -> dict:
             else:
                 row["fwd_bw_fraction"] = fwd_bytes / (row["fwd_ms"] / 1e3) / copy_bw
                 row["fwd_bwd_bw_fraction"] = (fwd_bytes + bwd_bytes) / (row["fwd_bwd_ms"] / 1e3) / copy_bw
-                if row["peak_added_bytes"] is not None:
-                    row["peak_over_grad"] = row["peak_added_bytes"] / grad_bytes
             results.append({"case": asdict(case), "label": case.label, "impl": name, **row})
             status = row.get("error") or f"{row['fwd_bwd_ms']:.3f} ms fwd+bwd"
             print(f"{case.label:62} {name:28} {status}", flush=True)
+    jobs = [(row["case"], row["impl"]) for row in results if "error" not in row]
+    if device.type == "cpu":
+        # A fresh process that pins glibc's mmap threshold before its first allocation: here,
+        # heap chunks freed by the timings would be reused unseen, and pinning slows timings.
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            peaks = pool.apply(_cpu_peaks, (jobs, not args.no_compile))
+    else:
+        peaks = [measure_peak(Case(**case), implementations(device, impl.startswith("torch.compile"))[impl], device)
+                 for case, impl in jobs]
+    for row, peak in zip((r for r in results if "error" not in r), peaks):
+        case = Case(**row["case"])
+        row["peak_added_bytes"] = peak
+        if peak is not None:
+            row["peak_over_grad"] = peak / (case.batch * case.dim * DTYPES[case.dtype].itemsize)
     return {"env": env, "copy_bandwidth_GBps": copy_bw / 1e9, "results": results}
+
+
+def _cpu_peaks(jobs, with_compile: bool) -> list:
+    common.pin_mmap_threshold()
+    peaks = []
+    for case, impl in jobs:
+        fn = implementations(torch.device("cpu"), with_compile and impl.startswith("torch.compile"))[impl]
+        peaks.append(measure_peak(Case(**case), fn, torch.device("cpu")))
+    return peaks
 
 
 # --------------------------------------------------------------------------- reporting

@@ -10,13 +10,16 @@ Peak added memory
   * CPU: the process's resident-set high-water mark (VmHWM, reset through
     ``/proc/self/clear_refs``) above the resident set before the call, with glibc's mmap
     threshold pinned at 64 KiB so that every large tensor is mapped and unmapped rather
-    than recycled inside the heap.
+    than recycled inside the heap. Pinning must come before the process's first large
+    allocation (freed heap chunks would be reused unseen), and it makes later allocations
+    fault their pages in, so benchmarks measure CPU memory in a fresh child process.
 """
 
 from __future__ import annotations
 
 import ctypes
 import datetime
+import gc
 import json
 import os
 import platform
@@ -124,7 +127,7 @@ class Rotating:
 _MMAP_PINNED = False
 
 
-def _pin_mmap_threshold() -> None:
+def pin_mmap_threshold() -> None:
     global _MMAP_PINNED
     if not _MMAP_PINNED:
         try:
@@ -143,6 +146,7 @@ def _status_bytes(field: str) -> int:
 
 def peak_added_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
     """Peak memory that ``fn()`` adds above what is live before it (None where unmeasurable)."""
+    gc.collect()  # garbage freed during fn() would hide what fn() allocates
     if device.type == "cuda":
         synchronize(device)
         before = torch.cuda.memory_allocated(device)
@@ -151,7 +155,7 @@ def peak_added_bytes(fn: Callable[[], object], device: torch.device) -> int | No
         synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
     try:
-        _pin_mmap_threshold()
+        pin_mmap_threshold()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         before = _status_bytes("VmRSS:")
