@@ -100,10 +100,12 @@ def prepare_problem(
     eps: float = 1e-8,
     temperature: float = 1.0,
 ) -> ContrastiveProblem:
-    """Validate a loss call and return its flattened :class:`ContrastiveProblem`."""
+    """Validate the tensors of a loss call and return its flattened :class:`ContrastiveProblem`.
+
+    ``eps`` and ``temperature`` are taken as already checked by :func:`check_options`.
+    """
     if loss not in LOSS_KINDS:
         raise ValueError(f"loss must be one of {LOSS_KINDS}, got {loss!r}")
-    eps, temperature = check_options("mean", eps, temperature)
 
     _check_float_tensor("student", student)
     _check_float_tensor("teacher", teacher)

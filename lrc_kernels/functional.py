@@ -9,7 +9,7 @@ from ._validation import check_options, prepare_problem
 
 
 def _contrastive_loss(loss, student, teacher, negatives, neg_index, reduction, eps, temperature, backend):
-    check_options(reduction, eps, temperature)
+    eps, temperature = check_options(reduction, eps, temperature)
     backends.check_backend_name(backend)
     problem = prepare_problem(
         loss, student, teacher, negatives, neg_index, eps=eps, temperature=temperature
