@@ -66,11 +66,13 @@ def _cpp_compiler_present() -> bool:
 
 _REGISTRY: dict[str, Backend] = {}
 _FAILED: dict[str, str] = {}  # backends whose build/load failed: auto skips them, warning once
+_AVAILABLE: dict[str, bool] = {}  # probes touch the file system: once per process, not per call
 
 
 def register_backend(backend: Backend) -> None:
     """Add (or replace) a backend; ``backend.name`` becomes a valid ``backend=`` value."""
     _REGISTRY[backend.name] = backend
+    _AVAILABLE.pop(backend.name, None)
 
 
 register_backend(Backend("torch", _load_reference, ("cpu", "cuda", "mps", "xpu"),
@@ -92,11 +94,11 @@ def check_backend_name(name) -> None:
 
 @torch.compiler.assume_constant_result
 def _is_available(name: str) -> bool:
-    """Touches the file system, so dynamo runs it once and keeps the answer."""
-    backend = _REGISTRY[name]
-    if not all(importlib.util.find_spec(pkg) is not None for pkg in backend.requires):
-        return False
-    return backend.probe is None or bool(backend.probe())
+    if name not in _AVAILABLE:
+        backend = _REGISTRY[name]
+        found = all(importlib.util.find_spec(pkg) is not None for pkg in backend.requires)
+        _AVAILABLE[name] = found and (backend.probe is None or bool(backend.probe()))
+    return _AVAILABLE[name]
 
 
 def available_backends(device_type: str = "cpu") -> list[str]:

@@ -418,6 +418,14 @@ def _acc(*tensors) -> tuple[torch.dtype, tl.dtype]:
 # --------------------------------------------------------------------------- explicit / indexed
 
 
+def _grad_buffer(x: torch.Tensor, atomic: bool, acc_dtype: torch.dtype) -> torch.Tensor:
+    """Rows that several programs add into are accumulated with atomics in acc_dtype (then cast);
+    rows owned by one program are written directly in the input's dtype."""
+    if atomic:
+        return torch.zeros(x.shape, device=x.device, dtype=acc_dtype)
+    return torch.empty(x.shape, device=x.device, dtype=x.dtype)
+
+
 class _GatherNegativesLoss(torch.autograd.Function):
     """Per-row loss with explicit [B, K, D] negatives or rows gathered from a bank by index."""
 
@@ -474,23 +482,11 @@ class _GatherNegativesLoss(torch.autograd.Function):
         num_neg = cos.shape[1] - 1
         grad_rows = grad_rows.to(norm_s.dtype).contiguous()
 
-        # Rows that several programs touch need fp32 atomics; the rest are written in place.
-        atomic_t = bank_is_teacher
-        atomic_n = indexed
-        if need_t:
-            grad_t = torch.zeros(teacher.shape, device=teacher.device, dtype=norm_s.dtype) if atomic_t else torch.empty(
-                teacher.shape, device=teacher.device, dtype=teacher.dtype
-            )
-        grad_n = None
-        if bank_is_teacher and need_t:
-            grad_n = grad_t
-        elif need_n:
-            grad_n = (
-                torch.zeros(negatives.shape, device=negatives.device, dtype=norm_s.dtype)
-                if atomic_n
-                else torch.empty(negatives.shape, device=negatives.device, dtype=negatives.dtype)
-            )
-        grad_s = torch.empty(student.shape, device=student.device, dtype=student.dtype) if need_s else None
+        acc_dtype = norm_s.dtype
+        grad_s = _grad_buffer(student, False, acc_dtype) if need_s else None
+        grad_t = _grad_buffer(teacher, bank_is_teacher, acc_dtype) if need_t else None
+        # When the teacher is the bank, negatives' gradients land in the teacher's buffer.
+        grad_n = grad_t if bank_is_teacher else (_grad_buffer(negatives, indexed, acc_dtype) if need_n else None)
         dummy = student
         gs, gt, gn = (grad_s if need_s else dummy), (grad_t if need_t else dummy), (grad_n if grad_n is not None else dummy)
         with _device_guard(student.device):
@@ -503,17 +499,13 @@ class _GatherNegativesLoss(torch.autograd.Function):
                 gs.stride(0), gt.stride(0), gn.stride(0), 0 if indexed or grad_n is None else gn.stride(1),
                 INDEXED_NEG=indexed, IS_INFO=is_info,
                 GRAD_S=need_s, GRAD_T=need_t, GRAD_N=grad_n is not None,
-                ATOMIC_T=atomic_t, ATOMIC_N=atomic_n,
+                ATOMIC_T=bank_is_teacher, ATOMIC_N=indexed,
                 BLOCK_K=block_k, BLOCK_D=_block_d(), ACC=acc,
             )
-        if need_t and atomic_t:
-            grad_t = grad_t.to(teacher.dtype)
-        if need_n and not bank_is_teacher and atomic_n:
-            grad_n = grad_n.to(negatives.dtype)
         return (
             grad_s,
-            grad_t if need_t else None,
-            grad_n if need_n and not bank_is_teacher else None,
+            grad_t.to(teacher.dtype) if need_t else None,
+            grad_n.to(negatives.dtype) if need_n and not bank_is_teacher else None,
             None, None, None, None,
         )
 
