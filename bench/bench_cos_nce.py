@@ -201,9 +201,13 @@ def run(args) -> dict:
     env = common.environment(device)
     copy_bw = common.copy_bandwidth(device, nbytes=(1 << 22) if args.smoke else (1 << 28))
     results = []
+    groups = set(args.groups.split(",")) if args.groups else None
+    compile_groups = set(args.compile_groups.split(","))
     for case in suite(device, args.smoke):
+        if groups is not None and case.group not in groups:
+            continue
         fwd_bytes, bwd_bytes = case.min_bytes()
-        impls = implementations(device, with_compile=not args.no_compile)
+        impls = implementations(device, with_compile=not args.no_compile and case.group in compile_groups)
         for name, fn in impls.items():
             try:
                 row = measure(case, fn, device, args.repeats)
@@ -324,6 +328,10 @@ def main(argv=None) -> Path:
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per measurement on CPU")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script, not the speed")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    parser.add_argument("--groups", default="", help="comma list of case groups to run (default: all)")
+    parser.add_argument("--compile-groups", default="paper,cls,bank,smoke",
+                        help="groups that get the torch.compile baseline (one fresh compile per case; "
+                             "the sweeps compare against eager only, to keep the suite short)")
     parser.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="results folder")
     args = parser.parse_args(argv)
     payload = run(args)

@@ -58,6 +58,18 @@ def _load_cpp():
     return cos_nce_cpp
 
 
+def _load_cuda():
+    from .ops import cos_nce_cuda
+
+    return cos_nce_cuda
+
+
+def _cuda_toolchain_present() -> bool:
+    from .ops import cos_nce_cuda
+
+    return cos_nce_cuda.toolchain_present()
+
+
 def _cpp_compiler_present() -> bool:
     from .ops import cos_nce_cpp
 
@@ -81,6 +93,9 @@ register_backend(Backend("torch", _load_reference, ("cpu", "cuda", "mps", "xpu")
 register_backend(Backend("triton", _load_triton, ("cuda", "cpu"), {"cuda": 10}, requires=("triton",)))
 # Built just-in-time with ninja on first use; auto prefers it on CPU once it builds.
 register_backend(Backend("cpp", _load_cpp, ("cpu",), {"cpu": 10}, requires=("ninja",), probe=_cpp_compiler_present))
+# Hand-written CUDA C++; built just-in-time where torch has CUDA and nvcc is found.
+register_backend(Backend("cuda", _load_cuda, ("cuda",), {"cuda": 5}, requires=("ninja",),
+                         probe=_cuda_toolchain_present))
 
 
 def backend_names() -> tuple[str, ...]:

@@ -6,7 +6,11 @@ import torch
 import lrc_kernels as lk
 from helpers import LOSSES, MODES, make_inputs
 
-COMPILE_BACKENDS = [b for b in ("torch", "cpp") if b in lk.available_backends("cpu")]
+# (device, backend) pairs: cpp and torch on CPU (CI); on a GPU also the Triton and CUDA kernels.
+COMPILE_CASES = [("cpu", b) for b in ("torch", "cpp") if b in lk.available_backends("cpu")]
+if torch.cuda.is_available():
+    COMPILE_CASES += [("cuda", b) for b in ("triton", "cuda") if b in lk.available_backends("cuda")]
+COMPILE_IDS = [f"{d}-{b}" for d, b in COMPILE_CASES]
 
 
 def _grads(loss, inputs, backend, fn=None):
@@ -19,12 +23,12 @@ def _grads(loss, inputs, backend, fn=None):
     return value.detach(), [x.grad.clone() for x in floats]
 
 
-@pytest.mark.parametrize("backend", COMPILE_BACKENDS)
+@pytest.mark.parametrize("device_type, backend", COMPILE_CASES, ids=COMPILE_IDS)
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("mode", MODES)
-def test_compile_fullgraph_matches_eager(backend, loss, mode):
+def test_compile_fullgraph_matches_eager(device_type, backend, loss, mode):
     torch._dynamo.reset()
-    inputs = make_inputs(mode, 5, 3, (2, 7), generator=torch.Generator().manual_seed(3))
+    inputs = make_inputs(mode, 5, 3, (2, 7), device=device_type, generator=torch.Generator().manual_seed(3))
     eager_value, eager_grads = _grads(loss, inputs, backend)
 
     def step(*args):
@@ -37,12 +41,12 @@ def test_compile_fullgraph_matches_eager(backend, loss, mode):
         torch.testing.assert_close(g, 2.0 * ref, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", COMPILE_BACKENDS)
-def test_compile_with_inductor(backend):
+@pytest.mark.parametrize("device_type, backend", COMPILE_CASES, ids=COMPILE_IDS)
+def test_compile_with_inductor(device_type, backend):
     """One real inductor compile (slow on CPU, so one case): the default torch.compile backend."""
     torch._dynamo.reset()
-    s, t, n, idx = make_inputs("bank", 4, 3, 16, generator=torch.Generator().manual_seed(4))
-    proj = torch.nn.Linear(16, 16)
+    s, t, n, idx = make_inputs("bank", 4, 3, 16, device=device_type, generator=torch.Generator().manual_seed(4))
+    proj = torch.nn.Linear(16, 16).to(device_type)
 
     def step(x):
         return lk.cos_nce_loss(proj(x), t, n, idx, backend=backend)
@@ -58,38 +62,55 @@ def test_compile_with_inductor(backend):
     torch.testing.assert_close(proj.weight.grad, ref, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.skipif("cpp" not in lk.available_backends("cpu"), reason="cpp backend not built here")
-def test_index_out_of_range_inside_a_compiled_graph_still_raises():
+NATIVE_BACKEND = {"cpu": "cpp", "cuda": "cuda"}
+
+
+def test_index_out_of_range_inside_a_compiled_graph_still_raises(device):
+    if NATIVE_BACKEND[device.type] not in lk.available_backends(device.type):
+        pytest.skip(f"backend {NATIVE_BACKEND[device.type]!r} not built here")
     torch._dynamo.reset()
-    s, t, n, _ = make_inputs("bank", 3, 2, 8, requires_grad=False)
-    bad = torch.tensor([[0, 1], [2, 99], [1, 1]])
-    fn = torch.compile(lambda *a: lk.cos_nce_loss(*a, backend="cpp"), fullgraph=True, backend="aot_eager")
+    s, t, n, _ = make_inputs("bank", 3, 2, 8, device=device, requires_grad=False)
+    bad = torch.tensor([[0, 1], [2, 99], [1, 1]], device=device)
+    backend = NATIVE_BACKEND[device.type]
+    fn = torch.compile(lambda *a: lk.cos_nce_loss(*a, backend=backend), fullgraph=True, backend="aot_eager")
     with pytest.raises(IndexError, match="neg_index"):
         fn(s, t, n, bad)
 
 
-@pytest.mark.skipif("cpp" not in lk.available_backends("cpu"), reason="cpp backend not built here")
-def test_opcheck_registered_ops():
-    from lrc_kernels.ops import cos_nce_cpp  # registers the ops
+def test_opcheck_registered_ops(device):
+    """The lrc_kernels::* ops on the device's native extension (cpp on CPU, cuda on GPU)."""
+    if NATIVE_BACKEND[device.type] not in lk.available_backends(device.type):
+        pytest.skip(f"backend {NATIVE_BACKEND[device.type]!r} not built here")
+    from lrc_kernels.ops import native
 
     gen = torch.Generator().manual_seed(5)
-    s, t = torch.randn(3, 37, generator=gen), torch.randn(3, 37, generator=gen)
-    neg = torch.randn(3, 2, 37, generator=gen)
-    bank = torch.randn(6, 37, generator=gen, dtype=torch.float64)
-    idx = torch.randint(0, 6, (3, 2), generator=gen)
-    coef = torch.randn(3, 3, generator=gen)
-    sigma = torch.randn(3, generator=gen)
+
+    def randn(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=gen, dtype=dtype).to(device)
+
+    s, t, neg = randn(3, 37), randn(3, 37), randn(3, 2, 37)
+    # The CPU kernels accept mixed dtypes; the CUDA wrapper promotes before calling them.
+    bank_dtype = torch.float64 if device.type == "cpu" else torch.float32
+    bank = randn(6, 37, dtype=bank_dtype)
+    idx = torch.randint(0, 6, (3, 2), generator=gen).to(device)
+    teacher_idx = torch.randint(0, 3, (3, 2), generator=gen).to(device)
+    coef, sigma, v = randn(3, 3), randn(3), randn(37)
+    acc64 = bank_dtype == torch.float64
+    coef_bank, sigma_bank = (coef.double(), sigma.double()) if acc64 else (coef, sigma)
     ops = torch.ops.lrc_kernels
     cases = [
-        (ops.cpu_partials.default, (s, t, neg, None, cos_nce_cpp._EXPLICIT)),
-        (ops.cpu_partials.default, (s, t, bank, idx, cos_nce_cpp._BANK)),
-        (ops.cpu_partials.default, (s, t, None, None, cos_nce_cpp._NO_NEGATIVES)),
-        (ops.cpu_weighted_backward.default, (s, t, neg, None, cos_nce_cpp._EXPLICIT, coef, coef, sigma, True, True, True)),
-        (ops.cpu_weighted_backward.default,
-         (s, t, bank, idx, cos_nce_cpp._BANK, coef.double(), coef.double(), sigma.double(), True, False, True)),
-        (ops.cpu_weighted_colsum.default, (s, sigma)),
-        (ops.cpu_row_dot_vec.default, (s, torch.randn(37, generator=gen))),
-        (ops.cpu_row_combine.default, (s, sigma, t, sigma, torch.randn(37, generator=gen), sigma, torch.bfloat16)),
+        (ops.partials.default, (s, t, neg, None, native.EXPLICIT_NEGATIVES, False)),
+        (ops.partials.default, (s, t, bank, idx, native.BANK, True)),
+        (ops.partials.default, (s, t, None, teacher_idx, native.TEACHER_BANK, True)),
+        (ops.partials.default, (s, t, None, None, native.NO_NEGATIVES, False)),
+        (ops.weighted_backward.default, (s, t, neg, None, native.EXPLICIT_NEGATIVES, coef, coef, sigma, True, True, True)),
+        (ops.weighted_backward.default,
+         (s, t, bank, idx, native.BANK, coef_bank, coef_bank, sigma_bank, True, False, True)),
+        (ops.weighted_backward.default,
+         (s, t, None, teacher_idx, native.TEACHER_BANK, coef, coef, sigma, False, True, False)),
+        (ops.weighted_colsum.default, (s, sigma)),
+        (ops.row_dot_vec.default, (s, v)),
+        (ops.row_combine.default, (s, sigma, t, sigma, v, sigma, torch.bfloat16)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)

@@ -1,7 +1,7 @@
 // Fused CPU primitives of the COS-NCE / InfoNCE op (backend "cpp").
 //
 // Two streaming passes carry the cost; everything per row of size B x (K + 1) is left to
-// torch on the Python side (lrc_kernels/ops/cos_nce_cpp.py), where the math is documented.
+// torch on the Python side (lrc_kernels/ops/native.py), where the math is documented.
 //
 //   partials:          ss[b] = |s_b|^2, dot[b, j] = s_b . x_bj, xx[b, j] = |x_bj|^2
 //                      (x_b0 = t_b, x_bk = k-th negative, gathered in place by index)
@@ -150,8 +150,10 @@ void check_rows(const at::Tensor& t, const char* name) {
 }  // namespace
 
 // Returns (ss [B], dot [B, K + 1], xx [B, K + 1]) in the accumulation dtype.
+// The index range is always checked here (it is cheap on the CPU), so check_index is unused.
 std::vector<at::Tensor> partials(const at::Tensor& student, const at::Tensor& teacher,
-                                 const at::Tensor& negatives, const at::Tensor& index, int64_t mode) {
+                                 const at::Tensor& negatives, const at::Tensor& index, int64_t mode,
+                                 bool /*check_index*/) {
   check_rows(student, "student");
   check_rows(teacher, "teacher");
   const int64_t B = student.size(0), D = student.size(1);
@@ -362,7 +364,7 @@ at::Tensor row_combine(const at::Tensor& x, const at::Tensor& a, const at::Tenso
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "lrc_kernels fused CPU primitives (see lrc_kernels/ops/cos_nce_cpp.py)";
+  m.doc() = "lrc_kernels fused CPU primitives (see lrc_kernels/ops/native.py)";
   m.def("partials", &partials);
   m.def("weighted_backward", &weighted_backward);
   m.def("weighted_colsum", &weighted_colsum);

@@ -1,0 +1,229 @@
+"""The native (C++ and CUDA C++) backends' shared Python layer: torch.library ops and autograd.
+
+Backends "cpp" (``csrc/cpu``) and "cuda" (``csrc/cuda``) compile the same four streaming
+primitives with the same signatures; the ops below dispatch to the extension of the
+tensors' device. Notation of ``cos_nce_triton.py``: ``partials`` gives |s|^2, s.x_j and
+|x_j|^2, from which torch computes the cosines c [B, K+1], the loss and, in the backward,
+the weights w = dL/dc. ``weighted_backward`` then forms
+
+    grad s   = sigma s + sum_j A_j x_j,       A_j = go w_j / (ns nx_j),  sigma = -go (sum_j w_j c_j) m_s / ns^2
+    grad x_j = A_j s + G_j x_j,               G_j = -go w_j c_j m_j / nx_j^2
+
+In-batch COS-NCE is the shared O(B D) algorithm of ``in_batch.py`` over the
+``weighted_colsum`` / ``row_dot_vec`` / ``row_combine`` primitives. In-batch InfoNCE is
+one GEMM of the raw rows divided by the norm product, in torch (BLAS and cuBLAS do that
+best).
+
+The primitives are ``torch.ops.lrc_kernels.*`` custom ops with fake (meta) kernels, and
+the autograd Functions around them are plain traceable Python, so
+``torch.compile(fullgraph=True)`` captures the whole loss without a graph break.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from .._validation import EXPLICIT, IN_BATCH, ContrastiveProblem
+from ..reference import compute_dtype, loss_from_cosines
+from ._autograd import single_backward
+from .in_batch import InBatchCosNCE
+
+# Negative modes understood by the kernels.
+NO_NEGATIVES, EXPLICIT_NEGATIVES, BANK, TEACHER_BANK = 0, 1, 2, 3
+
+
+def extension_for(device: torch.device):
+    """The compiled extension for a device type (built on first use, then cached)."""
+    if device.type == "cpu":
+        from . import cos_nce_cpp
+
+        return cos_nce_cpp.extension()
+    if device.type == "cuda":
+        from . import cos_nce_cuda
+
+        return cos_nce_cuda.extension()
+    raise RuntimeError(f"no native lrc_kernels extension for device type {device.type!r}")
+
+
+def _placeholder(dtype=torch.float32):
+    return torch.empty(0, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- torch.library ops
+
+_DEVICES = ("cpu", "cuda")
+
+
+@torch.library.custom_op("lrc_kernels::partials", mutates_args=(), device_types=_DEVICES)
+def partials(student: Tensor, teacher: Tensor, negatives: Optional[Tensor], neg_index: Optional[Tensor],
+             mode: int, check_index: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(|s|^2 [B], s.x_j [B, K+1], |x_j|^2 [B, K+1]) with x_0 = t and x_k the negatives.
+
+    ``check_index``: range-check ``neg_index`` in the kernel (the validation layer does it
+    in eager mode; inside a compiled graph it cannot, so the traced call asks for it).
+    """
+    negatives = _placeholder() if negatives is None else negatives
+    neg_index = _placeholder(torch.int64) if neg_index is None else neg_index
+    ss, dots, xx = extension_for(student.device).partials(student, teacher, negatives, neg_index, mode, check_index)
+    return ss, dots, xx
+
+
+@partials.register_fake
+def _(student, teacher, negatives, neg_index, mode, check_index):
+    num_neg = 0 if mode == NO_NEGATIVES else (negatives.shape[1] if mode == EXPLICIT_NEGATIVES else neg_index.shape[1])
+    acc = compute_dtype(student, teacher, negatives)
+    batch = student.shape[0]
+    return (student.new_empty(batch, dtype=acc), student.new_empty(batch, num_neg + 1, dtype=acc),
+            student.new_empty(batch, num_neg + 1, dtype=acc))
+
+
+@torch.library.custom_op("lrc_kernels::weighted_backward", mutates_args=(), device_types=_DEVICES)
+def weighted_backward(student: Tensor, teacher: Tensor, negatives: Optional[Tensor], neg_index: Optional[Tensor],
+                      mode: int, coef_a: Tensor, coef_g: Tensor, sigma: Tensor, need_s: bool, need_t: bool,
+                      need_n: bool) -> List[Tensor]:
+    """The grads asked for, in the order (student, teacher, negatives)."""
+    negatives = _placeholder() if negatives is None else negatives
+    neg_index = _placeholder(torch.int64) if neg_index is None else neg_index
+    grads = extension_for(student.device).weighted_backward(student, teacher, negatives, neg_index, mode, coef_a,
+                                                            coef_g, sigma, need_s, need_t, need_n)
+    return [g for g, need in zip(grads, (need_s, need_t, need_n)) if need]
+
+
+@weighted_backward.register_fake
+def _(student, teacher, negatives, neg_index, mode, coef_a, coef_g, sigma, need_s, need_t, need_n):
+    like = [(need_s, student), (need_t, teacher), (need_n, negatives)]
+    return [x.new_empty(x.shape) for need, x in like if need]
+
+
+@torch.library.custom_op("lrc_kernels::weighted_colsum", mutates_args=(), device_types=_DEVICES)
+def weighted_colsum(x: Tensor, w: Tensor) -> Tensor:
+    """sum_b w[b] x[b] -> [D] in w's dtype."""
+    return extension_for(x.device).weighted_colsum(x, w)
+
+
+@weighted_colsum.register_fake
+def _(x, w):
+    return w.new_empty(x.shape[1])
+
+
+@torch.library.custom_op("lrc_kernels::row_dot_vec", mutates_args=(), device_types=_DEVICES)
+def row_dot_vec(x: Tensor, v: Tensor) -> Tensor:
+    """x[b] . v -> [B] in v's dtype."""
+    return extension_for(x.device).row_dot_vec(x, v)
+
+
+@row_dot_vec.register_fake
+def _(x, v):
+    return v.new_empty(x.shape[0])
+
+
+@torch.library.custom_op("lrc_kernels::row_combine", mutates_args=(), device_types=_DEVICES)
+def row_combine(x: Tensor, a: Tensor, y: Tensor, c: Tensor, v: Tensor, e: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """a[b] x[b] + c[b] y[b] + e[b] v -> [B, D] in out_dtype."""
+    return extension_for(x.device).row_combine(x, a, y, c, v, e, out_dtype)
+
+
+@row_combine.register_fake
+def _(x, a, y, c, v, e, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype)
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+def cosine_weights(loss: str, cos: torch.Tensor, temperature: float) -> torch.Tensor:
+    """w = dL/dc for cosines c [B, K+1] (column 0 is the positive)."""
+    if loss == "cos_nce":
+        w = torch.full_like(cos, 0.5 / (cos.shape[1] - 1))
+        w[:, 0] = -1.5
+        return w
+    w = torch.softmax(cos / temperature, dim=1) / temperature
+    w[:, 0] -= 1.0 / temperature
+    return w
+
+
+class GatherNegativesLoss(torch.autograd.Function):
+    """Per-row loss with explicit [B, K, D] negatives or rows gathered from a bank by index."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, negatives, neg_index, mode, loss, eps, temperature):
+        check_index = torch.compiler.is_compiling()
+        ss, dots, xx = torch.ops.lrc_kernels.partials(student, teacher, negatives, neg_index, mode, check_index)
+        norm_s, norm_x = ss.sqrt(), xx.sqrt()
+        cos = dots / (norm_s.clamp_min(eps)[:, None] * norm_x.clamp_min(eps))
+        ctx.save_for_backward(student, teacher, negatives, neg_index, norm_s, norm_x, cos)
+        ctx.config = (mode, loss, eps, temperature)
+        rows = loss_from_cosines(loss, cos[:, 0], cos[:, 1:], temperature)
+        return rows if rows.dtype == torch.float64 else rows.float()
+
+    @staticmethod
+    @single_backward
+    def backward(ctx, grad_rows):
+        student, teacher, negatives, neg_index, norm_s, norm_x, cos = ctx.saved_tensors
+        mode, loss, eps, temperature = ctx.config
+        need_s, need_t, need_n = ctx.needs_input_grad[:3]
+        go = grad_rows.to(cos.dtype)[:, None]
+        w = cosine_weights(loss, cos, temperature)
+        ns, nx = norm_s.clamp_min(eps)[:, None], norm_x.clamp_min(eps)
+        coef_a = go * w / (ns * nx)
+        coef_g = -go * w * cos * (norm_x >= eps) / nx**2
+        sigma = -go[:, 0] * (w * cos).sum(1) * (norm_s >= eps) / ns[:, 0] ** 2
+        need_n = need_n and mode in (EXPLICIT_NEGATIVES, BANK)
+        grads = iter(torch.ops.lrc_kernels.weighted_backward(
+            student, teacher, negatives, neg_index, mode, coef_a.contiguous(), coef_g.contiguous(),
+            sigma.contiguous(), need_s, need_t, need_n,
+        ))
+        return (next(grads) if need_s else None, next(grads) if need_t else None, next(grads) if need_n else None,
+                None, None, None, None, None)
+
+
+class NativeRowPrimitives:
+    """The streaming primitives of the shared in-batch COS-NCE (``in_batch.RowPrimitives``)."""
+
+    def __init__(self, acc_dtype: torch.dtype):
+        self.acc_dtype = acc_dtype
+
+    def row_stats(self, x, y):
+        ss, dot, yy = torch.ops.lrc_kernels.partials(x, y, None, None, NO_NEGATIVES, False)
+        return ss.sqrt(), yy[:, 0].sqrt(), dot[:, 0]
+
+    def weighted_colsum(self, x, w):
+        return torch.ops.lrc_kernels.weighted_colsum(x, w.to(self.acc_dtype).contiguous())
+
+    def row_dot_vec(self, x, v):
+        return torch.ops.lrc_kernels.row_dot_vec(x, v.contiguous())
+
+    def row_combine(self, x, a, y, c, v, e, out_dtype):
+        return torch.ops.lrc_kernels.row_combine(x, a.contiguous(), y, c.contiguous(), v.contiguous(),
+                                                 e.contiguous(), out_dtype)
+
+
+def _in_batch_info_nce(problem: ContrastiveProblem) -> torch.Tensor:
+    dtype = compute_dtype(problem.student, problem.teacher)
+    s, t = problem.student.to(dtype), problem.teacher.to(dtype)
+    ns = torch.linalg.vector_norm(s, dim=1).clamp_min(problem.eps)
+    nt = torch.linalg.vector_norm(t, dim=1).clamp_min(problem.eps)
+    logits = (s @ t.T) / (ns[:, None] * nt[None, :] * problem.temperature)
+    return torch.logsumexp(logits, dim=1) - logits.diagonal()
+
+
+def row_losses(problem: ContrastiveProblem) -> torch.Tensor:
+    """Per-row losses [B] (fp32, or fp64 for fp64 inputs) computed by the native kernels."""
+    device_type = problem.device.type
+    with torch.autocast(device_type, enabled=False):
+        if problem.mode == IN_BATCH:
+            if problem.loss == "info_nce":
+                return _in_batch_info_nce(problem)
+            acc = compute_dtype(problem.student, problem.teacher)
+            return InBatchCosNCE.apply(problem.student, problem.teacher, problem.eps, NativeRowPrimitives(acc))
+        if problem.mode == EXPLICIT:
+            mode, negatives, index = EXPLICIT_NEGATIVES, problem.negatives, None
+        else:
+            mode = TEACHER_BANK if problem.bank_is_teacher else BANK
+            negatives, index = problem.negatives, problem.neg_index.contiguous()
+        return GatherNegativesLoss.apply(
+            problem.student, problem.teacher, negatives, index, mode, problem.loss, problem.eps, problem.temperature
+        )
