@@ -174,7 +174,7 @@ def measure(case: Case, fn, device, repeats: int) -> dict:
 
     fwd = common.median_seconds(forward, device, repeats=repeats)
     both = common.median_seconds(forward_backward, device, repeats=repeats)
-    losses = [forward() for _ in rotating.sets]
+    losses = [fn(case.loss, *inputs) for inputs in rotating.sets]  # losses[i] belongs to sets[i]
     state = {"i": 0}
 
     def backward():

@@ -108,12 +108,15 @@ def median_seconds(fn: Callable[[], object], device: torch.device, *, repeats: i
 
 
 class Rotating:
-    """Cycle through several input sets so successive calls miss in L2 (one set on CPU)."""
+    """Cycle through input sets spanning 3x the L2 cache, so each call reads from HBM (one set on CPU)."""
 
     def __init__(self, make: Callable[[], Sequence], device: torch.device, budget_bytes: int = 2 << 30):
         first = make()
-        size = sum(x.numel() * x.element_size() for x in first if isinstance(x, torch.Tensor))
-        copies = 1 if device.type != "cuda" else max(1, min(4, budget_bytes // max(size, 1)))
+        size = max(1, sum(x.numel() * x.element_size() for x in first if isinstance(x, torch.Tensor)))
+        copies = 1
+        if device.type == "cuda":
+            l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+            copies = max(1, min(64, -(-3 * l2 // size), budget_bytes // size))
         self.sets = [first] + [make() for _ in range(copies - 1)]
         self.i = 0
 
