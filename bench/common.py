@@ -107,6 +107,25 @@ def median_seconds(fn: Callable[[], object], device: torch.device, *, repeats: i
     return statistics.median(times)
 
 
+def gpu_kernel_seconds(fn: Callable[[], object], *, repeats: int = 20) -> float:
+    """Mean GPU busy time per call of ``fn()`` (sum of its kernels, from the profiler).
+
+    At these sizes a call's wall time on the GPU is mostly host-side launch overhead
+    (Python, autograd, the dispatcher), which hides the kernels; this is the device-side
+    cost, the number to hold against the memory roofline.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    total_us = sum(e.self_device_time_total for e in prof.key_averages())
+    return total_us / 1e6 / repeats
+
+
 class Rotating:
     """Cycle through input sets spanning 3x the L2 cache, so each call reads from HBM (one set on CPU)."""
 
