@@ -30,6 +30,7 @@ class Backend:
     auto_priority: dict = field(default_factory=dict)  # device type -> priority for "auto" (absent: never)
     requires: tuple[str, ...] = ()  # top-level packages it needs
     probe: Callable[[], bool] | None = None  # cheap "can it build/run here?", no compiling
+    traceable: bool = True  # runs correctly inside torch.compile graphs
 
     def load(self) -> Callable[[ContrastiveProblem], torch.Tensor]:
         """The backend's ``row_losses``; builds it first where it is compiled (``ensure_ready``)."""
@@ -90,7 +91,10 @@ def register_backend(backend: Backend) -> None:
 register_backend(Backend("torch", _load_reference, ("cpu", "cuda", "mps", "xpu"),
                          {"cpu": 0, "cuda": 0, "mps": 0, "xpu": 0}))
 # On CPU, Triton runs only under TRITON_INTERPRET=1 (for testing), so auto never picks it there.
-register_backend(Backend("triton", _load_triton, ("cuda", "cpu"), {"cuda": 10}, requires=("triton",)))
+# Its autograd.Functions are not traced correctly by torch.compile (zero gradients seen on
+# CUDA with torch 2.11), so compiled code uses the custom-op backends instead.
+register_backend(Backend("triton", _load_triton, ("cuda", "cpu"), {"cuda": 10}, requires=("triton",),
+                         traceable=False))
 # Built just-in-time with ninja on first use; auto prefers it on CPU once it builds.
 register_backend(Backend("cpp", _load_cpp, ("cpu",), {"cpu": 10}, requires=("ninja",), probe=_cpp_compiler_present))
 # Hand-written CUDA C++; built just-in-time where torch has CUDA and nvcc is found.
@@ -125,10 +129,12 @@ def available_backends(device_type: str = "cpu") -> list[str]:
 def resolve(name: str, device: torch.device) -> Callable[[ContrastiveProblem], torch.Tensor]:
     """The ``row_losses`` of the named backend, or of the fastest available one for ``auto``."""
     check_backend_name(name)
+    compiling = torch.compiler.is_compiling()
     if name == "auto":
         candidates = sorted(
             (b for b in _REGISTRY.values()
-             if device.type in b.auto_priority and b.name not in _FAILED and _is_available(b.name)),
+             if device.type in b.auto_priority and b.name not in _FAILED and _is_available(b.name)
+             and (b.traceable or not compiling)),
             key=lambda b: -b.auto_priority[device.type],
         )
         for backend in candidates:
@@ -144,6 +150,10 @@ def resolve(name: str, device: torch.device) -> Callable[[ContrastiveProblem], t
                 )
         raise RuntimeError(f"no lrc_kernels backend runs on device type {device.type!r}")
     backend = _REGISTRY[name]
+    if compiling and not backend.traceable:
+        traceable = [b.name for b in _REGISTRY.values() if b.traceable and device.type in b.device_types]
+        raise RuntimeError(f"backend={name!r} cannot run inside torch.compile; use one of {traceable} or 'auto' "
+                           "in compiled code (auto picks a traceable backend there)")
     if device.type not in backend.device_types:
         raise RuntimeError(f"backend={name!r} does not run on {device.type} tensors")
     if not _is_available(name):

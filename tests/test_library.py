@@ -9,7 +9,7 @@ from helpers import LOSSES, MODES, make_inputs
 # (device, backend) pairs: cpp and torch on CPU (CI); on a GPU also the Triton and CUDA kernels.
 COMPILE_CASES = [("cpu", b) for b in ("torch", "cpp") if b in lk.available_backends("cpu")]
 if torch.cuda.is_available():
-    COMPILE_CASES += [("cuda", b) for b in ("triton", "cuda") if b in lk.available_backends("cuda")]
+    COMPILE_CASES += [("cuda", b) for b in ("auto", "cuda") if b == "auto" or b in lk.available_backends("cuda")]
 COMPILE_IDS = [f"{d}-{b}" for d, b in COMPILE_CASES]
 
 
@@ -65,6 +65,14 @@ def test_compile_with_inductor(device_type, backend):
 NATIVE_BACKEND = {"cpu": "cpp", "cuda": "cuda"}
 
 
+def test_untraceable_backend_inside_compile_raises_clearly():
+    torch._dynamo.reset()
+    s, t, n, _ = make_inputs("explicit", 3, 2, 8)
+    fn = torch.compile(lambda *a: lk.cos_nce_loss(*a, backend="triton"), fullgraph=True, backend="eager")
+    with pytest.raises(Exception, match="cannot run inside torch.compile"):
+        fn(s, t, n, None)
+
+
 def test_index_out_of_range_inside_a_compiled_graph_still_raises(device):
     if NATIVE_BACKEND[device.type] not in lk.available_backends(device.type):
         pytest.skip(f"backend {NATIVE_BACKEND[device.type]!r} not built here")
@@ -111,6 +119,15 @@ def test_opcheck_registered_ops(device):
         (ops.weighted_colsum.default, (s, sigma)),
         (ops.row_dot_vec.default, (s, v)),
         (ops.row_combine.default, (s, sigma, t, sigma, v, sigma, torch.bfloat16)),
+    ]
+    # The whole-loss ops, with their registered autograd formulas.
+    grad_inputs = [x.detach().requires_grad_() for x in (s, t, neg, bank)]
+    gs, gt, gneg, gbank = grad_inputs
+    cases += [
+        (ops.gather_negatives_loss.default, (gs, gt, gneg, None, native.EXPLICIT_NEGATIVES, False, 1e-8, 1.0, False)),
+        (ops.gather_negatives_loss.default, (gs, gt, gbank, idx, native.BANK, True, 1e-8, 0.1, True)),
+        (ops.gather_negatives_loss.default, (gs, gt, None, teacher_idx, native.TEACHER_BANK, False, 1e-8, 1.0, True)),
+        (ops.in_batch_cos_nce.default, (gs, gt, 1e-8)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)

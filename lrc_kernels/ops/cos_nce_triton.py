@@ -137,8 +137,6 @@ def _fwd_finalize_kernel(
     IS_INFO: tl.constexpr, BLOCK_SPLIT: tl.constexpr, BLOCK_J: tl.constexpr, ACC: tl.constexpr,
 ):
     """Reduce the split partials of one row into cosines, the loss and sum_j w_j c_j."""
-    # Scalars may arrive as fp64 (torch.compile passes Python floats so): keep the loop types fixed.
-    eps, inv_tau = eps.to(ACC), inv_tau.to(ACC)
     row = tl.program_id(0).to(tl.int64)
     J = K + 1
     offs_s = tl.arange(0, BLOCK_SPLIT)
@@ -193,8 +191,6 @@ def _bwd_kernel(
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
 ):
     """One streaming pass over a D-chunk of one row: grad of s, and of t / negatives if asked."""
-    # Scalars may arrive as fp64 (torch.compile passes Python floats so): keep the loop types fixed.
-    eps, inv_tau = eps.to(ACC), inv_tau.to(ACC)
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     d_begin = split * CHUNK
@@ -324,8 +320,6 @@ def _in_batch_info_fwd_kernel(
     DOTS, NORM_S, NORM_T, LOSS, LSE, WC, B, eps, inv_tau, BLOCK_J: tl.constexpr, ACC: tl.constexpr,
 ):
     """Row b of the B x B raw dot products -> cosines -> InfoNCE with the diagonal as positive."""
-    # Scalars may arrive as fp64 (torch.compile passes Python floats so): keep the loop types fixed.
-    eps, inv_tau = eps.to(ACC), inv_tau.to(ACC)
     row = tl.program_id(0).to(tl.int64)
     ns = tl.maximum(tl.load(NORM_S + row), eps)
     pos = tl.zeros([BLOCK_J], ACC)
@@ -352,8 +346,6 @@ def _in_batch_info_bwd_kernel(
     BLOCK_J: tl.constexpr, ACC: tl.constexpr,
 ):
     """COEF[b, j] = go_b w_bj / (ns_b nt_j), and COL_WC[j] += go_b w_bj c_bj (for the teacher)."""
-    # Scalars may arrive as fp64 (torch.compile passes Python floats so): keep the loop types fixed.
-    eps, inv_tau = eps.to(ACC), inv_tau.to(ACC)
     row = tl.program_id(0).to(tl.int64)
     ns = tl.maximum(tl.load(NORM_S + row), eps)
     lse = tl.load(LSE + row)

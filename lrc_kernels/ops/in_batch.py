@@ -39,39 +39,52 @@ class RowPrimitives(Protocol):
         """a[b] x[b] + c[b] y[b] + e[b] v -> [B, D] in out_dtype."""
 
 
+def in_batch_forward(student, teacher, eps: float, prims: RowPrimitives):
+    """(per-row loss, saved) with saved = (u, norm_s, norm_t, c_pos, su) for the backward."""
+    batch = student.shape[0]
+    norm_s, norm_t, dot_st = prims.row_stats(student, teacher)
+    ns, nt = norm_s.clamp_min(eps), norm_t.clamp_min(eps)
+    u = prims.weighted_colsum(teacher, 1.0 / nt)
+    su = prims.row_dot_vec(student, u)
+    c_pos = dot_st / (ns * nt)
+    loss = 2.0 - 1.5 * c_pos + 0.5 * (su / ns - c_pos) / (batch - 1)
+    return (loss if loss.dtype == torch.float64 else loss.float()), (u, norm_s, norm_t, c_pos, su)
+
+
+def in_batch_backward(student, teacher, saved, grad_rows, eps: float, need_s: bool, need_t: bool,
+                      prims: RowPrimitives):
+    """(grad_student or None, grad_teacher or None) from the forward's saved tensors."""
+    u, norm_s, norm_t, c_pos, su = saved
+    beta = 0.5 / (student.shape[0] - 1)
+    a = -1.5 - beta
+    go = grad_rows.to(u.dtype)
+    ns, nt = norm_s.clamp_min(eps), norm_t.clamp_min(eps)
+    on_s, on_t = (norm_s >= eps).to(u.dtype), (norm_t >= eps).to(u.dtype)
+    grad_s = grad_t = None
+    if need_s:
+        s_dot_v = a * c_pos + beta * su / ns
+        grad_s = prims.row_combine(student, -go * s_dot_v * on_s / ns**2, teacher, go * a / (ns * nt),
+                                   u, go * beta / ns, student.dtype)
+    if need_t:
+        z = prims.weighted_colsum(student, go / ns)
+        t_dot_g = go * a * c_pos + beta * prims.row_dot_vec(teacher, z) / nt
+        grad_t = prims.row_combine(teacher, -t_dot_g * on_t / nt**2, student, go * a / (ns * nt),
+                                   z, beta / nt, teacher.dtype)
+    return grad_s, grad_t
+
+
 class InBatchCosNCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, eps, prims: RowPrimitives):
-        batch = student.shape[0]
-        norm_s, norm_t, dot_st = prims.row_stats(student, teacher)
-        ns, nt = norm_s.clamp_min(eps), norm_t.clamp_min(eps)
-        u = prims.weighted_colsum(teacher, 1.0 / nt)
-        su = prims.row_dot_vec(student, u)
-        c_pos = dot_st / (ns * nt)
-        loss = 2.0 - 1.5 * c_pos + 0.5 * (su / ns - c_pos) / (batch - 1)
-        ctx.save_for_backward(student, teacher, u, norm_s, norm_t, c_pos, su)
+        loss, saved = in_batch_forward(student, teacher, eps, prims)
+        ctx.save_for_backward(student, teacher, *saved)
         ctx.eps, ctx.prims = eps, prims
-        return loss if loss.dtype == torch.float64 else loss.float()
+        return loss
 
     @staticmethod
     @single_backward
     def backward(ctx, grad_rows):
-        student, teacher, u, norm_s, norm_t, c_pos, su = ctx.saved_tensors
-        eps, prims = ctx.eps, ctx.prims
-        need_s, need_t = ctx.needs_input_grad[:2]
-        beta = 0.5 / (student.shape[0] - 1)
-        a = -1.5 - beta
-        go = grad_rows.to(u.dtype)
-        ns, nt = norm_s.clamp_min(eps), norm_t.clamp_min(eps)
-        on_s, on_t = (norm_s >= eps).to(u.dtype), (norm_t >= eps).to(u.dtype)
-        grad_s = grad_t = None
-        if need_s:
-            s_dot_v = a * c_pos + beta * su / ns
-            grad_s = prims.row_combine(student, -go * s_dot_v * on_s / ns**2, teacher, go * a / (ns * nt),
-                                       u, go * beta / ns, student.dtype)
-        if need_t:
-            z = prims.weighted_colsum(student, go / ns)
-            t_dot_g = go * a * c_pos + beta * prims.row_dot_vec(teacher, z) / nt
-            grad_t = prims.row_combine(teacher, -t_dot_g * on_t / nt**2, student, go * a / (ns * nt),
-                                       z, beta / nt, teacher.dtype)
+        student, teacher, *saved = ctx.saved_tensors
+        grad_s, grad_t = in_batch_backward(student, teacher, saved, grad_rows, ctx.eps,
+                                           *ctx.needs_input_grad[:2], ctx.prims)
         return grad_s, grad_t, None, None

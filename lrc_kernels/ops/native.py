@@ -29,7 +29,7 @@ from torch import Tensor
 from .._validation import EXPLICIT, IN_BATCH, ContrastiveProblem
 from ..reference import compute_dtype, loss_from_cosines
 from ._autograd import single_backward
-from .in_batch import InBatchCosNCE
+from .in_batch import in_batch_backward, in_batch_forward
 
 # Negative modes understood by the kernels.
 NO_NEGATIVES, EXPLICIT_NEGATIVES, BANK, TEACHER_BANK = 0, 1, 2, 3
@@ -145,39 +145,57 @@ def cosine_weights(loss: str, cos: torch.Tensor, temperature: float) -> torch.Te
     return w
 
 
-class GatherNegativesLoss(torch.autograd.Function):
-    """Per-row loss with explicit [B, K, D] negatives or rows gathered from a bank by index."""
+# The whole loss is one custom op with its autograd formula registered through
+# torch.library (not an autograd.Function), so torch.compile treats it as an opaque op
+# with a known backward on every device.
 
-    @staticmethod
-    def forward(ctx, student, teacher, negatives, neg_index, mode, loss, eps, temperature):
-        check_index = torch.compiler.is_compiling()
-        ss, dots, xx = torch.ops.lrc_kernels.partials(student, teacher, negatives, neg_index, mode, check_index)
-        norm_s, norm_x = ss.sqrt(), xx.sqrt()
-        cos = dots / (norm_s.clamp_min(eps)[:, None] * norm_x.clamp_min(eps))
-        ctx.save_for_backward(student, teacher, negatives, neg_index, norm_s, norm_x, cos)
-        ctx.config = (mode, loss, eps, temperature)
-        rows = loss_from_cosines(loss, cos[:, 0], cos[:, 1:], temperature)
-        return rows if rows.dtype == torch.float64 else rows.float()
 
-    @staticmethod
-    @single_backward
-    def backward(ctx, grad_rows):
-        student, teacher, negatives, neg_index, norm_s, norm_x, cos = ctx.saved_tensors
-        mode, loss, eps, temperature = ctx.config
-        need_s, need_t, need_n = ctx.needs_input_grad[:3]
-        go = grad_rows.to(cos.dtype)[:, None]
-        w = cosine_weights(loss, cos, temperature)
-        ns, nx = norm_s.clamp_min(eps)[:, None], norm_x.clamp_min(eps)
-        coef_a = go * w / (ns * nx)
-        coef_g = -go * w * cos * (norm_x >= eps) / nx**2
-        sigma = -go[:, 0] * (w * cos).sum(1) * (norm_s >= eps) / ns[:, 0] ** 2
-        need_n = need_n and mode in (EXPLICIT_NEGATIVES, BANK)
-        grads = iter(torch.ops.lrc_kernels.weighted_backward(
-            student, teacher, negatives, neg_index, mode, coef_a.contiguous(), coef_g.contiguous(),
-            sigma.contiguous(), need_s, need_t, need_n,
-        ))
-        return (next(grads) if need_s else None, next(grads) if need_t else None, next(grads) if need_n else None,
-                None, None, None, None, None)
+@torch.library.custom_op("lrc_kernels::gather_negatives_loss", mutates_args=(), device_types=_DEVICES)
+def gather_negatives_loss(student: Tensor, teacher: Tensor, negatives: Optional[Tensor], neg_index: Optional[Tensor],
+                          mode: int, info_nce: bool, eps: float, temperature: float,
+                          check_index: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(per-row loss [B], |s| [B], |x_j| [B, K+1], cosines [B, K+1]) with explicit or indexed negatives."""
+    ss, dots, xx = torch.ops.lrc_kernels.partials(student, teacher, negatives, neg_index, mode, check_index)
+    norm_s, norm_x = ss.sqrt(), xx.sqrt()
+    cos = dots / (norm_s.clamp_min(eps)[:, None] * norm_x.clamp_min(eps))
+    rows = loss_from_cosines("info_nce" if info_nce else "cos_nce", cos[:, 0], cos[:, 1:], temperature)
+    return (rows if rows.dtype == torch.float64 else rows.float()), norm_s, norm_x, cos
+
+
+@gather_negatives_loss.register_fake
+def _(student, teacher, negatives, neg_index, mode, info_nce, eps, temperature, check_index):
+    ss, dots, _ = partials(student, teacher, negatives, neg_index, mode, check_index)  # the fake of partials
+    return ss.new_empty(ss.shape), ss.new_empty(ss.shape), dots.new_empty(dots.shape), dots.new_empty(dots.shape)
+
+
+def _gather_setup_context(ctx, inputs, output):
+    student, teacher, negatives, neg_index, mode, info_nce, eps, temperature, _ = inputs
+    _, norm_s, norm_x, cos = output
+    ctx.save_for_backward(student, teacher, negatives, neg_index, norm_s, norm_x, cos)
+    ctx.config = (mode, "info_nce" if info_nce else "cos_nce", eps, temperature)
+
+
+@single_backward
+def _gather_backward(ctx, grad_rows, *unused_grads):
+    student, teacher, negatives, neg_index, norm_s, norm_x, cos = ctx.saved_tensors
+    mode, loss, eps, temperature = ctx.config
+    need_s, need_t, need_n = ctx.needs_input_grad[:3]
+    go = grad_rows.to(cos.dtype)[:, None]
+    w = cosine_weights(loss, cos, temperature)
+    ns, nx = norm_s.clamp_min(eps)[:, None], norm_x.clamp_min(eps)
+    coef_a = go * w / (ns * nx)
+    coef_g = -go * w * cos * (norm_x >= eps) / nx**2
+    sigma = -go[:, 0] * (w * cos).sum(1) * (norm_s >= eps) / ns[:, 0] ** 2
+    need_n = need_n and mode in (EXPLICIT_NEGATIVES, BANK)
+    grads = iter(torch.ops.lrc_kernels.weighted_backward(
+        student, teacher, negatives, neg_index, mode, coef_a.contiguous(), coef_g.contiguous(),
+        sigma.contiguous(), need_s, need_t, need_n,
+    ))
+    return (next(grads) if need_s else None, next(grads) if need_t else None, next(grads) if need_n else None,
+            None, None, None, None, None, None)
+
+
+gather_negatives_loss.register_autograd(_gather_backward, setup_context=_gather_setup_context)
 
 
 class NativeRowPrimitives:
@@ -201,6 +219,41 @@ class NativeRowPrimitives:
                                                  e.contiguous(), out_dtype)
 
 
+@torch.library.custom_op("lrc_kernels::in_batch_cos_nce", mutates_args=(), device_types=_DEVICES)
+def in_batch_cos_nce(student: Tensor, teacher: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(per-row loss [B], then u [D], |s|, |t|, c_pos, s.u [B] saved for the backward); see ``in_batch.py``."""
+    loss, saved = in_batch_forward(student, teacher, eps, NativeRowPrimitives(compute_dtype(student, teacher)))
+    return (loss, *saved)
+
+
+@in_batch_cos_nce.register_fake
+def _(student, teacher, eps):
+    acc = compute_dtype(student, teacher)
+    batch, dim = student.shape
+
+    def rows():
+        return student.new_empty(batch, dtype=acc)
+
+    return rows(), student.new_empty(dim, dtype=acc), rows(), rows(), rows(), rows()
+
+
+def _in_batch_setup_context(ctx, inputs, output):
+    student, teacher, eps = inputs
+    ctx.save_for_backward(student, teacher, *output[1:])
+    ctx.eps = eps
+
+
+@single_backward
+def _in_batch_backward(ctx, grad_rows, *unused_grads):
+    student, teacher, *saved = ctx.saved_tensors
+    prims = NativeRowPrimitives(compute_dtype(student, teacher))
+    grad_s, grad_t = in_batch_backward(student, teacher, saved, grad_rows, ctx.eps, *ctx.needs_input_grad[:2], prims)
+    return grad_s, grad_t, None
+
+
+in_batch_cos_nce.register_autograd(_in_batch_backward, setup_context=_in_batch_setup_context)
+
+
 def _in_batch_info_nce(problem: ContrastiveProblem) -> torch.Tensor:
     dtype = compute_dtype(problem.student, problem.teacher)
     s, t = problem.student.to(dtype), problem.teacher.to(dtype)
@@ -217,13 +270,14 @@ def row_losses(problem: ContrastiveProblem) -> torch.Tensor:
         if problem.mode == IN_BATCH:
             if problem.loss == "info_nce":
                 return _in_batch_info_nce(problem)
-            acc = compute_dtype(problem.student, problem.teacher)
-            return InBatchCosNCE.apply(problem.student, problem.teacher, problem.eps, NativeRowPrimitives(acc))
+            return torch.ops.lrc_kernels.in_batch_cos_nce(problem.student, problem.teacher, problem.eps)[0]
         if problem.mode == EXPLICIT:
             mode, negatives, index = EXPLICIT_NEGATIVES, problem.negatives, None
         else:
             mode = TEACHER_BANK if problem.bank_is_teacher else BANK
             negatives, index = problem.negatives, problem.neg_index.contiguous()
-        return GatherNegativesLoss.apply(
-            problem.student, problem.teacher, negatives, index, mode, problem.loss, problem.eps, problem.temperature
-        )
+        check_index = torch.compiler.is_compiling()  # eager calls were range-checked by the validation layer
+        return torch.ops.lrc_kernels.gather_negatives_loss(
+            problem.student, problem.teacher, negatives, index, mode, problem.loss == "info_nce", problem.eps,
+            problem.temperature, check_index,
+        )[0]
