@@ -62,12 +62,18 @@ def partials(student: Tensor, teacher: Tensor, negatives: Optional[Tensor], neg_
              mode: int, check_index: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(|s|^2 [B], s.x_j [B, K+1], |x_j|^2 [B, K+1]) with x_0 = t and x_k the negatives.
 
-    ``check_index``: range-check ``neg_index`` in the kernel (the validation layer does it
-    in eager mode; inside a compiled graph it cannot, so the traced call asks for it).
+    ``check_index``: range-check ``neg_index`` here (the validation layer does it in eager
+    mode; inside a compiled graph it cannot, so the traced call asks for it).
     """
+    if check_index and mode in (BANK, TEACHER_BANK) and neg_index.numel():
+        # Raised here, in Python: an exception thrown through the CUDA extension crashed the process.
+        rows = (negatives if mode == BANK else teacher).shape[0]
+        lo, hi = (v.item() for v in torch.aminmax(neg_index))
+        if lo < 0 or hi >= rows:
+            raise IndexError(f"neg_index values must lie in [0, {rows}), got values in [{lo}, {hi}]")
     negatives = _placeholder() if negatives is None else negatives
     neg_index = _placeholder(torch.int64) if neg_index is None else neg_index
-    ss, dots, xx = extension_for(student.device).partials(student, teacher, negatives, neg_index, mode, check_index)
+    ss, dots, xx = extension_for(student.device).partials(student, teacher, negatives, neg_index, mode, False)
     return ss, dots, xx
 
 
