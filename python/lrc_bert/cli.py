@@ -1,0 +1,246 @@
+"""The ``lrc-bert`` command: finetune, distill, evaluate.
+
+Settings come from the defaults (the paper's; see configs/lrc_bert.yaml), then
+``--config YAML``, then flags. Everything is checked before any model or data loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+from . import __version__
+from .config import TrainConfig, build_config, save_config, validate
+
+log = logging.getLogger("lrc_bert")
+
+COMMON_HELP = {
+    "task": "GLUE task (cola sst2 mrpc stsb qqp mnli qnli rte wnli) or snli",
+    "data_dir": "folder with the GLUE TSV files (train.tsv, dev.tsv; MNLI: dev_matched.tsv, dev_mismatched.tsv); "
+                "default: download through datasets from the Hugging Face hub",
+    "config": "YAML file of settings (names as in configs/lrc_bert.yaml); flags override it",
+    "epochs": "training epochs (default 3)",
+    "max_steps": "stop after this many optimiser steps (overrides --epochs)",
+    "batch_size": "training batch size (default 16, as in the paper)",
+    "eval_batch_size": "evaluation batch size (default 64)",
+    "learning_rate": "peak AdamW learning rate (the paper searches 5e-5, 1e-4, 3e-4; default 5e-5)",
+    "weight_decay": "AdamW weight decay (default 0.01; none on biases and LayerNorm)",
+    "warmup_ratio": "fraction of steps with linear warm-up (default 0.1), then linear decay to 0",
+    "max_grad_norm": "gradient clipping norm (default 1.0)",
+    "max_length": "pad / truncate every input to this many tokens (default 128, as in the paper); "
+                  "0 for dynamic padding",
+    "seed": "random seed (data order, init, dropout, negative sampling; default 42)",
+    "eval_steps": "evaluate on dev every N steps, and at the end (default 500)",
+    "save_steps": "write a resumable checkpoint every N steps (default 500)",
+    "keep_checkpoints": "keep the last N checkpoints (default 2; the best model is kept apart)",
+    "logging_steps": "log the loss parts every N steps (default 10)",
+    "device": "auto (default), cpu, cuda, cuda:N or mps",
+    "limit_train": "use only the first N training examples (smoke runs)",
+    "limit_eval": "use only the first N examples of each dev split",
+    "cache_dir": "datasets cache folder",
+}
+
+DISTILL_HELP = {
+    "student_config": "transformers config JSON for the student (default: BERT 4 layers, 312 wide, 12 heads, "
+                      "FFN 1200, the teacher's vocabulary)",
+    "student_init": "a pretrained student (path or hub name) instead of a random init",
+    "student_layers": "student layers for the default config (default 4)",
+    "student_hidden": "student width for the default config (default 312)",
+    "student_heads": "student attention heads for the default config (default 12)",
+    "student_intermediate": "student FFN width for the default config (default 1200)",
+    "representation": "COS-NCE representation: sequence (whole layer, padding masked; the paper) or cls",
+    "num_negatives": "K negatives sampled per row from the batch (default: all B - 1)",
+    "loss_backend": "lrc_kernels backend for COS-NCE: auto (default), torch, triton, cpp, cuda",
+    "temperature": "soft-loss temperature (default 1.1)",
+    "alpha": "COS-NCE weight, both stages (default 1)",
+    "beta": "soft (KL) loss weight in stage 2 (default 1; stage 1 uses 0)",
+    "gamma": "hard (cross-entropy) loss weight in stage 2 (default 3; stage 1 uses 0)",
+    "stage1_fraction": "fraction of steps in stage 1 (default 0.8)",
+    "perturb_eps": "norm of the per-example gradient perturbation of the embedding output (default 1.0; 0: off)",
+    "perturb_mode": "replace: train on the perturbed gradient only (the paper); add: clean + perturbed (FGM)",
+}
+
+
+def _add_settings(parser: argparse.ArgumentParser, helps: dict) -> None:
+    for name, text in helps.items():
+        if name == "config":
+            parser.add_argument("--config", default=None, metavar="YAML", help=text)
+            continue
+        field = TrainConfig.__dataclass_fields__[name]
+        kind = {"int": int, "float": float}.get(str(field.type).replace("Optional[", "").rstrip("]"), str)
+        if name in ("max_steps", "max_length", "num_negatives", "limit_train", "limit_eval"):
+            kind = int
+        choices = {"representation": ["sequence", "cls"], "perturb_mode": ["replace", "add"]}.get(name)
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, choices=choices,
+                            help=text)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lrc-bert", description="LRC-BERT distillation (Fu et al., AAAI 2021) "
+                                     "with the fused COS-NCE kernels of lrc_kernels.")
+    parser.add_argument("--version", action="version", version=f"lrc-bert {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ft = sub.add_parser("finetune", help="fine-tune a teacher; saves the best dev model to OUTPUT/model")
+    ft.add_argument("--model", required=True, help="Hugging Face encoder: a local path or a hub name")
+    ft.add_argument("--output", required=True, help="run folder: metrics.jsonl, checkpoints/, model/")
+    ft.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUTPUT")
+    _add_settings(ft, COMMON_HELP)
+    ft.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=None,
+                    help="do not write TensorBoard scalars")
+
+    ds = sub.add_parser("distill", help="distill a fine-tuned teacher into a small student (LRC-BERT)")
+    ds.add_argument("--teacher", required=True, help="fine-tuned teacher folder (e.g. OUTPUT/model of finetune)")
+    ds.add_argument("--output", required=True, help="run folder: metrics.jsonl, checkpoints/, student/")
+    ds.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint in OUTPUT")
+    ds.add_argument("--assume-label-order", dest="assume_label_order", action="store_true", default=None,
+                    help="accept a teacher whose labels are the generic LABEL_i, in the task's canonical order")
+    _add_settings(ds, {**COMMON_HELP, **DISTILL_HELP})
+    ds.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=None,
+                    help="do not write TensorBoard scalars")
+    ds.add_argument("--layer-map", dest="layer_map", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                    help="teacher layer (1-based) per student layer, comma separated (default: uniform ceil(i N / M))")
+
+    ev = sub.add_parser("evaluate", help="evaluate a saved model; prints one JSON line of metrics")
+    ev.add_argument("--model", required=True, help="model folder (finetune's model/, distill's student/)")
+    ev.add_argument("--split", choices=["dev", "test"], default="dev",
+                    help="dev (MNLI: matched and mismatched) or test (SNLI only: GLUE test labels are not public)")
+    ev.add_argument("--assume-label-order", dest="assume_label_order", action="store_true", default=None,
+                    help="accept a model whose labels are the generic LABEL_i")
+    _add_settings(ev, {k: COMMON_HELP[k] for k in ("task", "data_dir", "config", "max_length", "eval_batch_size",
+                                                   "device", "limit_eval", "cache_dir")})
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "config", "resume", "split")}
+    cfg = build_config(args.config, **values)
+    if cfg.max_length == 0:  # the flag's spelling of "dynamic padding"
+        cfg.max_length = None
+    return cfg
+
+
+def _load_tokenizer(ref: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ref)
+
+
+def _datasets(cfg: TrainConfig, task, tokenizer, with_train: bool):
+    from .data import tokenize_split
+    from .tasks import dev_splits
+
+    evals = {split: tokenize_split(task, split, tokenizer, cfg, cfg.limit_eval) for split in dev_splits(task)}
+    train = tokenize_split(task, "train", tokenizer, cfg, cfg.limit_train) if with_train else None
+    return train, evals
+
+
+def run_training(cfg: TrainConfig, command: str, resume: bool = False, on_step=None) -> dict:
+    """finetune or distill, from a validated config; returns the final dev metrics."""
+    import torch
+
+    from .data import Collator
+    from .tasks import dev_splits, get_task
+    from .trainer import Trainer, resolve_device
+
+    validate(cfg, command)
+    task = get_task(cfg.task)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    output = Path(cfg.output)
+    output.mkdir(parents=True, exist_ok=True)
+    if command == "finetune":
+        from .finetune import FinetuneMethod
+
+        tokenizer = _load_tokenizer(cfg.model)
+        method = FinetuneMethod(cfg, task, tokenizer, device)
+    else:
+        from transformers import AutoModelForSequenceClassification
+
+        from .distill import DistillMethod
+
+        tokenizer = _load_tokenizer(cfg.teacher)
+        teacher = AutoModelForSequenceClassification.from_pretrained(cfg.teacher)
+        method = DistillMethod(cfg, task, teacher, tokenizer, device)
+    train, evals = _datasets(cfg, task, tokenizer, with_train=True)
+    save_config(cfg, output / "config.json")
+    trainer = Trainer(cfg, method, train, evals, Collator(tokenizer, task.is_regression), task, device,
+                      dev_splits(task)[0])
+    final = trainer.fit(resume=resume, on_step=on_step)
+    best = output / "checkpoints" / "best"
+    export = output / ("model" if command == "finetune" else "student")
+    if best.is_dir():
+        from .checkpoint import atomic_directory
+        import shutil
+
+        with atomic_directory(export) as tmp:
+            for item in best.iterdir():
+                shutil.copy2(item, tmp / item.name)
+    log.info("exported the best model (step %s, %s = %s) to %s", trainer.best["step"], trainer.main_key,
+             trainer.best["value"], export)
+    return final
+
+
+def run_evaluate(cfg: TrainConfig, split: str) -> dict:
+    import numpy as np
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from .data import Collator, tokenize_split
+    from .metrics import compute_metrics
+    from .tasks import dev_splits, get_task, label_alignment
+    from .trainer import resolve_device, to_device
+
+    validate(cfg, "evaluate")
+    task = get_task(cfg.task)
+    if split == "test" and task.name != "snli":
+        raise ValueError(f"{task.name}: GLUE test labels are not public; evaluate on dev, or submit predictions")
+    device = resolve_device(cfg.device)
+    model = AutoModelForSequenceClassification.from_pretrained(cfg.model).to(device).eval()
+    alignment = label_alignment(task, model.config.id2label, cfg.assume_label_order)
+    tokenizer = _load_tokenizer(cfg.model)
+    collate = Collator(tokenizer, task.is_regression)
+    splits = dev_splits(task) if split == "dev" else ("test",)
+    result = {}
+    for name in splits:
+        ds = tokenize_split(task, name, tokenizer, cfg, cfg.limit_eval)
+        preds, labels = [], []
+        for start in range(0, len(ds), cfg.eval_batch_size):
+            batch = collate(ds[start:start + cfg.eval_batch_size])
+            with torch.no_grad():
+                logits = model(**{k: v for k, v in to_device(batch, device).items() if k != "labels"}).logits
+            if alignment is None:
+                preds.append(logits.squeeze(-1).cpu().numpy())
+            else:
+                preds.append(logits[:, alignment].argmax(-1).cpu().numpy())  # dataset label order
+            labels.append(batch["labels"].numpy())
+        metrics = compute_metrics(task, np.concatenate(preds), np.concatenate(labels))
+        result.update({f"{name}/{k}": v for k, v in metrics.items()})
+    return result
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = config_from_args(args)
+        if args.command == "evaluate":
+            print(json.dumps({"task": cfg.task, "model": cfg.model, **run_evaluate(cfg, args.split)}))
+        else:
+            final = run_training(cfg, args.command, resume=getattr(args, "resume", False))
+            print(json.dumps({"task": cfg.task, "output": cfg.output, **final}))
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"lrc-bert {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""Run settings: defaults (the paper's), a YAML file, then command-line flags; checked up front.
+
+Every value is validated by :func:`validate` before any model or data is loaded, so a
+typo fails in a second with a message naming the setting, not an hour into a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .tasks import TASK_NAMES, check_data_files, dev_splits, get_task
+
+
+@dataclass
+class TrainConfig:
+    # --- common
+    task: str = "snli"
+    output: Optional[str] = None
+    data_dir: Optional[str] = None  # GLUE TSV folder; None: the Hugging Face hub
+    epochs: float = 3.0
+    max_steps: Optional[int] = None  # overrides epochs
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    learning_rate: float = 5e-5  # the paper searches {5e-5, 1e-4, 3e-4}
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    max_length: Optional[int] = 128  # fixed padding to this length (the paper's 128); None: dynamic padding
+    seed: int = 42
+    eval_steps: int = 500
+    save_steps: int = 500
+    keep_checkpoints: int = 2
+    logging_steps: int = 10
+    device: str = "auto"
+    tensorboard: bool = True
+    limit_train: Optional[int] = None  # use the first N training examples (smoke runs)
+    limit_eval: Optional[int] = None
+    assume_label_order: bool = False
+    cache_dir: Optional[str] = None
+    # --- finetune
+    model: Optional[str] = None
+    # --- distill
+    teacher: Optional[str] = None
+    student_config: Optional[str] = None  # a transformers config JSON
+    student_init: Optional[str] = None  # a pretrained student to start from
+    student_layers: int = 4
+    student_hidden: int = 312
+    student_heads: int = 12
+    student_intermediate: int = 1200
+    layer_map: Optional[list] = None  # teacher layer (1-based) per student layer; None: uniform
+    representation: str = "sequence"  # "sequence" (whole layer, masked) or "cls"
+    num_negatives: Optional[int] = None  # K sampled per row; None: all B - 1 in-batch negatives
+    loss_backend: str = "auto"
+    temperature: float = 1.1
+    soft_loss_t2: bool = False  # scale the soft loss by T^2 (Hinton); off, as in the paper's formula
+    alpha: float = 1.0
+    beta: float = 1.0
+    gamma: float = 3.0
+    stage1_fraction: float = 0.8
+    stages: Optional[list] = None  # explicit [{fraction, weights: {loss: w}}]; default from alpha/beta/gamma
+    perturb_eps: float = 1.0  # norm of the per-example embedding perturbation; 0 disables it
+    perturb_mode: str = "replace"  # "replace" the clean gradient (paper) or "add" both (FGM)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def stage_plan(self) -> list[dict]:
+        """[{fraction, weights}] covering the run; the default is the paper's two stages."""
+        if self.stages is not None:
+            return [{"fraction": float(s["fraction"]), "weights": {k: float(v) for k, v in s["weights"].items()}}
+                    for s in self.stages]
+        return [
+            {"fraction": self.stage1_fraction, "weights": {"cos_nce": self.alpha, "soft": 0.0, "hard": 0.0}},
+            {"fraction": 1.0 - self.stage1_fraction,
+             "weights": {"cos_nce": self.alpha, "soft": self.beta, "hard": self.gamma}},
+        ]
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def load_yaml(path: str | Path) -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path} must hold a mapping of settings")
+    unknown = sorted(set(data) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"--config {path}: unknown settings {unknown}; valid ones are {sorted(FIELDS)}")
+    return data
+
+
+def build_config(yaml_path: Optional[str] = None, **overrides: Any) -> TrainConfig:
+    """Defaults, then the YAML file, then the overrides that are not None."""
+    values = load_yaml(yaml_path) if yaml_path else {}
+    given = {k: v for k, v in overrides.items() if v is not None}
+    unknown = sorted(set(given) - set(FIELDS))
+    if unknown:
+        raise ValueError(f"unknown settings {unknown}")
+    if values.get("stages") is not None and {"alpha", "beta", "gamma", "stage1_fraction"} & set(given):
+        raise ValueError("the config sets explicit `stages`; --alpha/--beta/--gamma/--stage1-fraction would be "
+                         "ignored, so remove one or the other")
+    values.update(given)
+    return TrainConfig(**values)
+
+
+def _number(cfg, name, *, minimum=None, strict=False, integer=False, optional=False):
+    value = getattr(cfg, name)
+    if value is None and optional:
+        return
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise TypeError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if minimum is not None and (value <= minimum if strict else value < minimum):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {value}")
+
+
+def _choice(cfg, name, options):
+    if getattr(cfg, name) not in options:
+        raise ValueError(f"{name} must be one of {list(options)}, got {getattr(cfg, name)!r}")
+
+
+def _looks_local(ref: str) -> bool:
+    """Hub ids are 'name' or 'org/name'; anything else is a path."""
+    return ref.startswith((".", "/", "~")) or ref.count("/") > 1 or Path(ref).exists()
+
+
+def _check_model_ref(name: str, ref: Optional[str]) -> None:
+    if ref is None:
+        raise ValueError(f"--{name.replace('_', '-')} is required")
+    if _looks_local(ref) and not Path(ref).expanduser().exists():
+        raise FileNotFoundError(f"--{name.replace('_', '-')} {ref} does not exist")
+
+
+def validate(cfg: TrainConfig, command: str) -> None:
+    """Every setting the command uses, with errors naming it; raises before any work starts."""
+    from .losses import LOSSES
+
+    if cfg.task not in TASK_NAMES:
+        raise ValueError(f"task must be one of {', '.join(TASK_NAMES)}; got {cfg.task!r}")
+    if command in ("finetune", "distill") and not cfg.output:
+        raise ValueError("--output is required")
+    _number(cfg, "epochs", minimum=0, strict=True)
+    _number(cfg, "max_steps", minimum=0, strict=True, integer=True, optional=True)
+    _number(cfg, "batch_size", minimum=2 if command == "distill" else 1, integer=True)
+    _number(cfg, "eval_batch_size", minimum=1, integer=True)
+    _number(cfg, "learning_rate", minimum=0, strict=True)
+    _number(cfg, "weight_decay", minimum=0)
+    _number(cfg, "warmup_ratio", minimum=0)
+    if cfg.warmup_ratio >= 1:
+        raise ValueError(f"warmup_ratio must be < 1, got {cfg.warmup_ratio}")
+    _number(cfg, "max_grad_norm", minimum=0, strict=True)
+    _number(cfg, "max_length", minimum=8, integer=True, optional=True)
+    _number(cfg, "seed", integer=True)
+    for name in ("eval_steps", "save_steps", "keep_checkpoints", "logging_steps"):
+        _number(cfg, name, minimum=1, integer=True)
+    for name in ("limit_train", "limit_eval"):
+        _number(cfg, name, minimum=1, integer=True, optional=True)
+    if cfg.device != "auto" and not (cfg.device in ("cpu", "cuda", "mps") or cfg.device.startswith("cuda:")):
+        raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps; got {cfg.device!r}")
+    if command == "finetune":
+        _check_model_ref("model", cfg.model)
+    if command == "evaluate":
+        _check_model_ref("model", cfg.model)
+    if command == "distill":
+        _check_model_ref("teacher", cfg.teacher)
+        for name in ("student_config", "student_init"):
+            ref = getattr(cfg, name)
+            if ref is not None and _looks_local(ref) and not Path(ref).exists():
+                raise FileNotFoundError(f"--{name.replace('_', '-')} {ref} does not exist")
+        for name in ("student_layers", "student_hidden", "student_heads", "student_intermediate"):
+            _number(cfg, name, minimum=1, integer=True)
+        _choice(cfg, "representation", ("sequence", "cls"))
+        _choice(cfg, "perturb_mode", ("replace", "add"))
+        _number(cfg, "num_negatives", minimum=1, integer=True, optional=True)
+        _number(cfg, "temperature", minimum=0, strict=True)
+        _number(cfg, "perturb_eps", minimum=0)
+        for name in ("alpha", "beta", "gamma"):
+            _number(cfg, name, minimum=0)
+        _number(cfg, "stage1_fraction", minimum=0)
+        if cfg.stage1_fraction > 1:
+            raise ValueError(f"stage1_fraction must be in [0, 1], got {cfg.stage1_fraction}")
+        import lrc_kernels
+
+        if cfg.loss_backend not in lrc_kernels.backend_names():
+            raise ValueError(f"loss_backend must be one of {lrc_kernels.backend_names()}, got {cfg.loss_backend!r}")
+        if cfg.layer_map is not None and (not isinstance(cfg.layer_map, list)
+                                          or not all(isinstance(i, int) and i >= 1 for i in cfg.layer_map)):
+            raise ValueError(f"layer_map must be a list of teacher layers (1-based ints), got {cfg.layer_map!r}")
+        plan = cfg.stage_plan()
+        total = sum(s["fraction"] for s in plan)
+        if any(s["fraction"] < 0 for s in plan) or abs(total - 1.0) > 1e-6:
+            raise ValueError(f"stage fractions must be >= 0 and sum to 1, got {[s['fraction'] for s in plan]}")
+        for i, stage in enumerate(plan):
+            unknown = sorted(set(stage["weights"]) - set(LOSSES))
+            if unknown:
+                raise ValueError(f"stage {i + 1}: unknown losses {unknown}; registered: {sorted(LOSSES)}")
+            if any(w < 0 for w in stage["weights"].values()):
+                raise ValueError(f"stage {i + 1}: loss weights must be >= 0, got {stage['weights']}")
+            if stage["fraction"] > 0 and not any(w > 0 for w in stage["weights"].values()):
+                raise ValueError(f"stage {i + 1}: all loss weights are zero ({stage['weights']}); nothing would train")
+    splits = ("train", *dev_splits(get_task(cfg.task))) if command != "evaluate" else ()
+    check_data_files(get_task(cfg.task), Path(cfg.data_dir) if cfg.data_dir else None, splits)
+
+
+def save_config(cfg: TrainConfig, path: Path) -> None:
+    path.write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")

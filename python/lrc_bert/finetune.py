@@ -1,0 +1,58 @@
+"""``lrc-bert finetune``: standard fine-tuning of a Hugging Face encoder (the teacher)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .checkpoint import atomic_directory
+from .config import TrainConfig
+from .data import model_inputs
+from .tasks import TaskSpec
+from .trainer import decay_groups
+
+log = logging.getLogger("lrc_bert")
+
+
+def label_kwargs(task: TaskSpec) -> dict:
+    """Config fields that name the task's labels, so later label checks can work."""
+    if task.is_regression:
+        return {"num_labels": 1, "problem_type": "regression"}
+    return {"num_labels": task.num_labels, "id2label": dict(enumerate(task.labels)),
+            "label2id": {name: i for i, name in enumerate(task.labels)},
+            "problem_type": "single_label_classification"}
+
+
+class FinetuneMethod:
+    def __init__(self, cfg: TrainConfig, task: TaskSpec, tokenizer, device: torch.device):
+        from transformers import AutoModelForSequenceClassification
+
+        self.cfg, self.task, self.tokenizer = cfg, task, tokenizer
+        self.model = AutoModelForSequenceClassification.from_pretrained(cfg.model, **label_kwargs(task)).to(device)
+        self.modules = {"model": self.model}
+        self.total_steps = 0
+
+    def param_groups(self, weight_decay):
+        return decay_groups(self.model.named_parameters(), weight_decay)
+
+    def train_step(self, batch, step):
+        out = self.model(**model_inputs(batch), labels=batch["labels"])
+        out.loss.backward()
+        return {"loss": out.loss.item()}
+
+    def predict(self, batch):
+        logits = self.model(**model_inputs(batch)).logits
+        return logits.squeeze(-1) if self.task.is_regression else logits.argmax(-1)
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+    def save_best(self, folder: Path):
+        with atomic_directory(folder) as tmp:
+            self.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)

@@ -1,0 +1,69 @@
+"""Distillation losses, registered by name: a stage's ``weights`` refer to these names.
+
+A new loss is one decorated function here (or anywhere, before the run starts) and a
+weight in the config; the trainer never changes. Each loss gets a :class:`LossInputs`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+import lrc_kernels as lk
+
+LOSSES: dict[str, Callable[["LossInputs"], torch.Tensor]] = {}
+
+
+def register_loss(name: str):
+    def decorate(fn):
+        LOSSES[name] = fn
+        return fn
+
+    return decorate
+
+
+@dataclass
+class LossInputs:
+    student_logits: torch.Tensor  # [B, C] (or [B, 1] for regression), in the dataset's label order
+    teacher_logits: torch.Tensor
+    labels: torch.Tensor
+    student_reps: list  # per mapped layer: [B, F] student representations, projected to the teacher width
+    teacher_reps: list  # per mapped layer: [B, F] teacher representations
+    neg_index: Optional[torch.Tensor]  # [B, K] rows of the batch used as negatives; None: all others
+    regression: bool
+    temperature: float
+    soft_t2: bool
+    loss_backend: str
+
+
+@register_loss("cos_nce")
+def cos_nce(x: LossInputs) -> torch.Tensor:
+    """Sum over mapped layers of COS-NCE; negatives are the teacher rows of other samples."""
+    return sum(lk.cos_nce_loss(s, t, None, x.neg_index, backend=x.loss_backend)
+               for s, t in zip(x.student_reps, x.teacher_reps))
+
+
+@register_loss("soft")
+def soft(x: LossInputs) -> torch.Tensor:
+    """KL(teacher || student) of the softened predictions at temperature T (MSE for regression).
+
+    Not scaled by T^2 unless ``soft_loss_t2``: the paper's loss is the plain KL at T = 1.1,
+    where T^2 = 1.21 would only rescale beta.
+    """
+    if x.regression:
+        return F.mse_loss(x.student_logits.squeeze(-1).float(), x.teacher_logits.squeeze(-1).float())
+    t = x.temperature
+    kl = F.kl_div(F.log_softmax(x.student_logits.float() / t, -1), F.log_softmax(x.teacher_logits.float() / t, -1),
+                  reduction="batchmean", log_target=True)
+    return kl * t * t if x.soft_t2 else kl
+
+
+@register_loss("hard")
+def hard(x: LossInputs) -> torch.Tensor:
+    """Cross-entropy with the gold labels (MSE for regression)."""
+    if x.regression:
+        return F.mse_loss(x.student_logits.squeeze(-1).float(), x.labels.float())
+    return F.cross_entropy(x.student_logits.float(), x.labels)

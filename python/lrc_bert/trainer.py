@@ -1,0 +1,261 @@
+"""The training loop shared by ``finetune`` and ``distill``.
+
+A *method* (``FinetuneMethod``, ``DistillMethod``) owns the models and the loss: it
+computes a step's gradients (``train_step``) and predictions (``predict``). The trainer
+owns everything around them: data order, optimiser and schedule, clipping, evaluation
+and the best checkpoint, resumable checkpoints, and logging (tqdm, metrics.jsonl,
+TensorBoard).
+
+Exact resume: the data order of epoch e is a permutation drawn from ``seed + e``, so the
+position in the data is just (epoch, batch); that, the optimiser, the scheduler, every
+RNG and the method's own state are in each checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Callable, Optional, Protocol
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .metrics import compute_metrics
+from .tasks import TaskSpec
+
+log = logging.getLogger("lrc_bert")
+
+
+class Method(Protocol):
+    modules: dict  # name -> nn.Module, saved in checkpoints
+    total_steps: int
+
+    def param_groups(self, weight_decay: float) -> list: ...
+
+    def train_step(self, batch: dict, step: int) -> dict: ...
+
+    def predict(self, batch: dict) -> torch.Tensor: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def save_best(self, folder: Path) -> None: ...
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} was asked for, but torch sees no CUDA device")
+    return device
+
+
+def decay_groups(named_params, weight_decay: float) -> list:
+    """AdamW groups: no decay on biases and LayerNorm weights (the BERT recipe)."""
+    decay, no_decay = [], []
+    for name, p in named_params:
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per line, appended) and TensorBoard scalars."""
+
+    def __init__(self, output: Path, tensorboard: bool):
+        self.path = output / "metrics.jsonl"
+        self.writer = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                log.warning("tensorboard is not installed: no TensorBoard scalars (pip install tensorboard)")
+            else:
+                self.writer = SummaryWriter(str(output / "tensorboard"))
+
+    def write(self, kind: str, step: int, values: dict) -> None:
+        record = {"type": kind, "step": step, "time": round(time.time(), 3), **values}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(f"{kind}/{key}", value, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def evaluate(predict: Callable, datasets_by_split: dict, collate, task: TaskSpec, batch_size: int,
+             device: torch.device, progress: bool = True) -> dict:
+    """{split/metric: value} over each evaluation split, each with its own loader."""
+    from tqdm.auto import tqdm
+
+    out = {}
+    for split, ds in datasets_by_split.items():
+        preds, labels = [], []
+        for start in tqdm(range(0, len(ds), batch_size), desc=f"eval {split}", leave=False, disable=not progress):
+            batch = collate(ds[start:start + batch_size])
+            labels.append(batch["labels"].numpy())
+            with torch.no_grad():
+                preds.append(predict(to_device(batch, device)).cpu().numpy())
+        metrics = compute_metrics(task, np.concatenate(preds), np.concatenate(labels))
+        out.update({f"{split}/{k}": v for k, v in metrics.items()})
+    return out
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, method: Method, train_set, eval_sets: dict, collate, task: TaskSpec,
+                 device: torch.device, main_split: str):
+        self.cfg, self.method, self.train_set, self.eval_sets = cfg, method, train_set, eval_sets
+        self.collate, self.task, self.device = collate, task, device
+        self.output = Path(cfg.output)
+        self.checkpoints = self.output / "checkpoints"
+        self.main_key = f"{main_split}/{task.main_metric}"
+        self.steps_per_epoch = len(train_set) // cfg.batch_size  # drop_last: in-batch negatives need full batches
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the training set has {len(train_set)} examples, fewer than one batch of "
+                             f"{cfg.batch_size}")
+        self.total_steps = cfg.max_steps or math.ceil(cfg.epochs * self.steps_per_epoch)
+        method.total_steps = self.total_steps
+        params = method.param_groups(cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
+        from transformers import get_linear_schedule_with_warmup
+
+        self.scheduler = get_linear_schedule_with_warmup(
+            self.optimizer, int(cfg.warmup_ratio * self.total_steps), self.total_steps)
+        self.step = 0
+        self.best = {"value": None, "step": None, "metrics": None}
+
+    # ------------------------------------------------------------------ state
+
+    def _state(self) -> dict:
+        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "rng": ckpt.rng_state(), "best": self.best, "method": self.method.state_dict(),
+                "total_steps": self.total_steps}
+
+    def save(self) -> Path:
+        return ckpt.save_checkpoint(self.checkpoints, self.step, self.method.modules, self._state(),
+                                    self.cfg.to_dict(), self.cfg.keep_checkpoints)
+
+    def resume(self) -> bool:
+        path = ckpt.latest_checkpoint(self.checkpoints)
+        if path is None:
+            log.warning("--resume: no checkpoint in %s; starting from scratch", self.checkpoints)
+            return False
+        saved = json.loads((path / "config.json").read_text())
+        ignore = {"output", "resume", "device", "max_steps", "epochs", "eval_steps", "save_steps", "keep_checkpoints",
+                  "logging_steps", "tensorboard", "cache_dir", "data_dir", "loss_backend"}
+        changed = {k: (saved.get(k), v) for k, v in self.cfg.to_dict().items() if k not in ignore and saved.get(k) != v}
+        if changed:
+            raise ValueError(f"--resume: these settings differ from the checkpoint's {path}: "
+                             + ", ".join(f"{k} (was {a!r}, now {b!r})" for k, (a, b) in changed.items()))
+        state = ckpt.load_checkpoint(path, self.method.modules, self.device)
+        if state["total_steps"] != self.total_steps:
+            raise ValueError(f"--resume: the run length changed ({state['total_steps']} -> {self.total_steps} steps); "
+                             "the learning-rate schedule would not match")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.method.load_state_dict(state["method"])
+        ckpt.set_rng_state(state["rng"])
+        self.step, self.best = state["step"], state["best"]
+        log.info("resumed from %s (step %d of %d)", path, self.step, self.total_steps)
+        return True
+
+    # ------------------------------------------------------------------ loop
+
+    def _batches(self, start_step: int):
+        """(step, batch) from start_step on; epoch e's order is a permutation drawn from seed + e."""
+        n, bs = len(self.train_set), self.cfg.batch_size
+        step = start_step
+        while step < self.total_steps:
+            epoch, offset = divmod(step, self.steps_per_epoch)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
+            for i in range(offset, self.steps_per_epoch):
+                if step >= self.total_steps:
+                    return
+                yield step, self.collate(self.train_set[order[i * bs:(i + 1) * bs].tolist()])
+                step += 1
+
+    def evaluate(self) -> dict:
+        for module in self.method.modules.values():
+            module.eval()
+        try:
+            return evaluate(self.method.predict, self.eval_sets, self.collate, self.task, self.cfg.eval_batch_size,
+                            self.device)
+        finally:
+            for module in self.method.modules.values():
+                module.train()
+
+    def _evaluate_and_keep_best(self, metrics_log: MetricsLog) -> dict:
+        metrics = self.evaluate()
+        metrics_log.write("eval", self.step, metrics)
+        value = metrics.get(self.main_key)
+        if value is not None and (self.best["value"] is None or value > self.best["value"]):
+            self.best = {"value": value, "step": self.step, "metrics": metrics}
+            self.method.save_best(self.checkpoints / "best")
+            metrics_log.write("event", self.step, {"event": "new_best", self.main_key: value})
+        return metrics
+
+    def fit(self, resume: bool = False, on_step: Optional[Callable[[int], None]] = None) -> dict:
+        """Train to the end; returns the final dev metrics. Ctrl-C saves a checkpoint first."""
+        from tqdm.auto import tqdm
+
+        self.output.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.resume()
+        metrics_log = MetricsLog(self.output, self.cfg.tensorboard)
+        for module in self.method.modules.values():
+            module.train()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{self.cfg.task}", dynamic_ncols=True)
+        last_saved = self.step
+        try:
+            for step, batch in self._batches(self.step):
+                parts = self.method.train_step(to_device(batch, self.device), step)
+                params = [p for g in self.optimizer.param_groups for p in g["params"]]
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step = step + 1
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in parts.items() if k != "stage"}, refresh=False)
+                if self.step % self.cfg.logging_steps == 0 or self.step == self.total_steps:
+                    metrics_log.write("train", self.step, {**parts, "lr": self.scheduler.get_last_lr()[0],
+                                                           "grad_norm": float(grad_norm)})
+                for event in getattr(self.method, "pop_events", lambda: [])():
+                    bar.write(f"step {self.step}: {event}")
+                    metrics_log.write("event", self.step, {"event": event})
+                if self.step % self.cfg.eval_steps == 0 and self.step < self.total_steps:
+                    self._evaluate_and_keep_best(metrics_log)
+                if self.step % self.cfg.save_steps == 0 and self.step < self.total_steps:
+                    self.save()
+                    last_saved = self.step
+                if on_step is not None:
+                    on_step(self.step)
+        except KeyboardInterrupt:
+            if self.step > last_saved:
+                path = self.save()
+                bar.write(f"interrupted: saved {path}; continue with --resume")
+            raise
+        finally:
+            bar.close()
+        final = self._evaluate_and_keep_best(metrics_log)
+        self.save()
+        metrics_log.write("event", self.step, {"event": "done", "best_step": self.best["step"],
+                                               f"best/{self.main_key}": self.best["value"]})
+        metrics_log.close()
+        return final
