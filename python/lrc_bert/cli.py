@@ -236,6 +236,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"lrc-bert {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except ImportError as exc:
+        print(f"lrc-bert {args.command}: error: {exc}; install the trainer's dependencies with "
+              "pip install 'lrc-kernels[train]'", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
