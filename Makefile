@@ -1,0 +1,9 @@
+# make demo: the offline end-to-end LRC-BERT demo (about 15 minutes on 2 CPU cores).
+# make test: the test suite, as CI runs it.
+.PHONY: demo test
+
+demo:
+	bash scripts/demo.sh
+
+test:
+	pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest -q tests
