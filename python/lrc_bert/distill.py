@@ -126,7 +126,7 @@ class DistillMethod:
 
     def _loss(self, batch, teacher_out, weights, neg_index):
         inputs = model_inputs(batch)
-        need_reps = weights.get("cos_nce", 0) > 0
+        need_reps = any(w > 0 and LOSSES[name].needs_representations for name, w in weights.items())
         out = self.student(**inputs, output_hidden_states=need_reps)
         mask = batch["attention_mask"].unsqueeze(-1).to(out.logits.dtype)
         s_reps, t_reps = [], []

@@ -17,8 +17,11 @@ import lrc_kernels as lk
 LOSSES: dict[str, Callable[["LossInputs"], torch.Tensor]] = {}
 
 
-def register_loss(name: str):
+def register_loss(name: str, needs_representations: bool = False):
+    """Register ``fn(LossInputs) -> scalar`` as ``name``; representation losses make the
+    trainer compute the projected intermediate-layer representations."""
     def decorate(fn):
+        fn.needs_representations = needs_representations
         LOSSES[name] = fn
         return fn
 
@@ -39,11 +42,18 @@ class LossInputs:
     loss_backend: str
 
 
-@register_loss("cos_nce")
+@register_loss("cos_nce", needs_representations=True)
 def cos_nce(x: LossInputs) -> torch.Tensor:
     """Sum over mapped layers of COS-NCE; negatives are the teacher rows of other samples."""
     return sum(lk.cos_nce_loss(s, t, None, x.neg_index, backend=x.loss_backend)
                for s, t in zip(x.student_reps, x.teacher_reps))
+
+
+@register_loss("hidden_mse", needs_representations=True)
+def hidden_mse(x: LossInputs) -> torch.Tensor:
+    """TinyBERT-style hidden-state loss (for ablations): MSE between the projected student
+    representations and the teacher's, summed over mapped layers."""
+    return sum(F.mse_loss(s.float(), t.float()) for s, t in zip(x.student_reps, x.teacher_reps))
 
 
 @register_loss("soft")

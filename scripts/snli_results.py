@@ -1,0 +1,160 @@
+"""SNLI results and ablations for docs/results.md (issue: real results against the paper).
+
+    python scripts/snli_results.py                       # the full protocol (needs a GPU to finish in hours)
+    python scripts/snli_results.py --reduced             # the documented CPU budget used for docs/results.md
+
+Protocol: fine-tune a MiniLM-L6 teacher on SNLI train (dev for model selection), then
+distill a 4-layer, 312-wide student with LRC-BERT and with each ablation, at the same
+budget, for each seed; evaluate every model on SNLI test. Writes one JSON per run under
+OUTPUT, then docs/results.md and the dev-accuracy plot from all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "python"))
+
+from lrc_bert.cli import run_evaluate, run_training  # noqa: E402
+from lrc_bert.config import build_config  # noqa: E402
+from lrc_bert.demo import default_teacher_model  # noqa: E402
+
+# Each ablation is a set of config overrides on top of the LRC-BERT defaults.
+VARIANTS = {
+    "LRC-BERT": {},
+    "KD only (soft + hard)": {"stages": [{"fraction": 1.0, "weights": {"soft": 1.0, "hard": 3.0}}], "perturb_eps": 0.0},
+    "TinyBERT-style hidden MSE instead of COS-NCE": {
+        "stages": [{"fraction": 0.8, "weights": {"hidden_mse": 1.0}},
+                   {"fraction": 0.2, "weights": {"hidden_mse": 1.0, "soft": 1.0, "hard": 3.0}}]},
+    "LRC-BERT without COS-NCE": {"stages": [{"fraction": 1.0, "weights": {"soft": 1.0, "hard": 3.0}}]},
+    "LRC-BERT without the two stages": {"stages": [{"fraction": 1.0,
+                                                    "weights": {"cos_nce": 1.0, "soft": 1.0, "hard": 3.0}}]},
+    "LRC-BERT without gradient perturbation": {"perturb_eps": 0.0},
+}
+
+FULL = dict(teacher_steps=None, teacher_epochs=3, student_epochs=3, limit_train=None, limit_eval=None, seeds=3,
+            max_length=128, eval_steps=2000)
+REDUCED = dict(teacher_steps=300, teacher_epochs=None, student_epochs=None, student_steps=300, limit_train=9600,
+               limit_eval=1000, seeds=1, max_length=64, eval_steps=50)
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    import platform
+
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data" / "snli"))
+    parser.add_argument("--output", default=str(ROOT / "runs" / "snli_results"))
+    parser.add_argument("--reduced", action="store_true", help="the reduced CPU budget (see REDUCED)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma list of variant names")
+    parser.add_argument("--report-only", action="store_true", help="only rebuild docs/results.md from OUTPUT")
+    args = parser.parse_args(argv)
+    budget = REDUCED if args.reduced else FULL
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    common = dict(task="snli", data_dir=args.data_dir, max_length=budget["max_length"], eval_batch_size=128,
+                  limit_train=budget["limit_train"], limit_eval=budget["limit_eval"], eval_steps=budget["eval_steps"],
+                  save_steps=10**9, logging_steps=10, tensorboard=False)
+    if not args.report_only:
+        teacher_dir = out / "teacher"
+        if not (teacher_dir / "model").is_dir():
+            start = time.time()
+            run_training(build_config(None, **common, model=default_teacher_model(), output=str(teacher_dir),
+                                      batch_size=32, learning_rate=5e-5, max_steps=budget.get("teacher_steps"),
+                                      epochs=budget.get("teacher_epochs") or 3.0), "finetune")
+            _record(out / "teacher.json", "teacher (MiniLM-L6)", 0, teacher_dir / "model", common, args.data_dir,
+                    time.time() - start, teacher_dir)
+        for name in args.variants.split(","):
+            for seed in range(budget["seeds"]):
+                run_dir = out / f"{_slug(name)}-seed{seed}"
+                if (out / f"{_slug(name)}-seed{seed}.json").is_file():
+                    continue
+                start = time.time()
+                run_training(build_config(None, **common, **VARIANTS[name], teacher=str(teacher_dir / "model"),
+                                          output=str(run_dir), seed=seed, batch_size=16, learning_rate=1e-4,
+                                          max_steps=budget.get("student_steps"),
+                                          epochs=budget.get("student_epochs") or 3.0), "distill")
+                _record(out / f"{_slug(name)}-seed{seed}.json", name, seed, run_dir / "student", common,
+                        args.data_dir, time.time() - start, run_dir)
+    report(out, budget, args.reduced)
+    return 0
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+
+
+def _record(path, name, seed, model_dir, common, data_dir, seconds, run_dir):
+    metrics = run_evaluate(build_config(None, task="snli", model=str(model_dir), data_dir=data_dir,
+                                        max_length=common["max_length"], eval_batch_size=128), "test")
+    curve = [(r["step"], r["dev/accuracy"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+             if r["type"] == "eval"]
+    path.write_text(json.dumps({"name": name, "seed": seed, "test_accuracy": metrics["test/accuracy"],
+                                "train_seconds": seconds, "device": device_name(), "dev_curve": curve}) + "\n")
+
+
+def report(out: Path, budget: dict, reduced: bool) -> None:
+    runs = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    teacher = next((r for r in runs if r["name"].startswith("teacher")), None)
+    if teacher is None:
+        return
+    rows = []
+    for name in VARIANTS:
+        mine = [r for r in runs if r["name"] == name]
+        if not mine:
+            continue
+        accs = [100 * r["test_accuracy"] for r in mine]
+        mean = statistics.mean(accs)
+        std = statistics.stdev(accs) if len(accs) > 1 else float("nan")
+        rows.append((name, mean, std, len(accs), 100 * mean / (100 * teacher["test_accuracy"]),
+                     statistics.mean(r["train_seconds"] for r in mine) / 60, mine[0]["device"]))
+    lines = ["| model | SNLI test accuracy (mean ± std) | seeds | retention of the teacher | train min per run | device |",
+             "|---|---|---|---|---|---|",
+             f"| teacher: MiniLM-L6 fine-tuned | {100 * teacher['test_accuracy']:.2f} | 1 | 100% | "
+             f"{teacher['train_seconds'] / 60:.1f} | {teacher['device']} |"]
+    for name, mean, std, n, ret, minutes, device in rows:
+        std_text = "n/a (1 seed)" if n == 1 else f"{std:.2f}"
+        lines.append(f"| student: {name} | {mean:.2f} ± {std_text} | {n} | {ret:.1f}% | {minutes:.1f} | {device} |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    _plot(runs, ROOT / "docs" / "results_dev_curve.png")
+    print("\n".join(lines))
+
+
+def _plot(runs, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name in ("LRC-BERT", "KD only (soft + hard)"):
+        for r in (r for r in runs if r["name"] == name):
+            steps, accs = zip(*r["dev_curve"]) if r["dev_curve"] else ((), ())
+            ax.plot(steps, [100 * a for a in accs], "o-", label=f"{name} (seed {r['seed']})")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("SNLI dev accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
