@@ -150,10 +150,8 @@ void check_rows(const at::Tensor& t, const char* name) {
 }  // namespace
 
 // Returns (ss [B], dot [B, K + 1], xx [B, K + 1]) in the accumulation dtype.
-// The index range is always checked here (it is cheap on the CPU), so check_index is unused.
 std::vector<at::Tensor> partials(const at::Tensor& student, const at::Tensor& teacher,
-                                 const at::Tensor& negatives, const at::Tensor& index, int64_t mode,
-                                 bool /*check_index*/) {
+                                 const at::Tensor& negatives, const at::Tensor& index, int64_t mode) {
   check_rows(student, "student");
   check_rows(teacher, "teacher");
   const int64_t B = student.size(0), D = student.size(1);

@@ -1,6 +1,7 @@
 // Python bindings of the CUDA kernels in cos_nce_cuda.cu (backend "cuda"), with the same
 // signatures as the CPU kernel's, so lrc_kernels/ops/native.py drives both. Argument
-// checks live here, in host-compiled code: the kernels' file only launches.
+// checks live here, in host-compiled code: the kernels' file only launches. The neg_index
+// range is checked in Python (lrc_kernels/ops/native.py), where an error surfaces cleanly.
 
 #include <torch/extension.h>
 
@@ -36,7 +37,7 @@ void check_coefficients(const at::Tensor& like, std::initializer_list<const at::
 }
 
 void check_inputs(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& negatives,
-                  const at::Tensor& index, int64_t mode, bool check_index) {
+                  const at::Tensor& index, int64_t mode) {
   check_rows(student, "student");
   check_rows(teacher, "teacher");
   TORCH_CHECK(teacher.sizes() == student.sizes() && teacher.scalar_type() == student.scalar_type(),
@@ -56,18 +57,12 @@ void check_inputs(const at::Tensor& student, const at::Tensor& teacher, const at
     TORCH_CHECK(index.is_cuda() && index.scalar_type() == at::kLong && index.is_contiguous() && index.dim() == 2 &&
                     index.size(0) == student.size(0),
                 "neg_index must be a contiguous [B, K] int64 CUDA tensor");
-    if (check_index && index.numel() > 0) {  // the Python layer checks, except inside torch.compile graphs
-      const auto [lo, hi] = at::aminmax(index);
-      const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
-      TORCH_CHECK_INDEX(lo_v >= 0 && hi_v < bank.size(0), "neg_index values must lie in [0, ", bank.size(0),
-                        "), got values in [", lo_v, ", ", hi_v, "]");
-    }
   }
 }
 
 std::vector<at::Tensor> partials(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& negatives,
-                                 const at::Tensor& index, int64_t mode, bool check_index) {
-  check_inputs(student, teacher, negatives, index, mode, check_index);
+                                 const at::Tensor& index, int64_t mode) {
+  check_inputs(student, teacher, negatives, index, mode);
   return lrc_cuda::partials(student, teacher, negatives, index, mode);
 }
 
@@ -75,7 +70,7 @@ std::vector<at::Tensor> weighted_backward(const at::Tensor& student, const at::T
                                           const at::Tensor& negatives, const at::Tensor& index, int64_t mode,
                                           const at::Tensor& coef_a, const at::Tensor& coef_g, const at::Tensor& sigma,
                                           bool need_s, bool need_t, bool need_n) {
-  check_inputs(student, teacher, negatives, index, mode, false);
+  check_inputs(student, teacher, negatives, index, mode);
   check_coefficients(student, {&coef_a, &coef_g, &sigma});
   return lrc_cuda::weighted_backward(student, teacher, negatives, index, mode, coef_a, coef_g, sigma, need_s, need_t,
                                      need_n);

@@ -12,8 +12,6 @@ The ops, the autograd and the math are shared with the CUDA backend: see ``nativ
 from __future__ import annotations
 
 import functools
-import hashlib
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -24,39 +22,26 @@ from .._validation import ContrastiveProblem
 from . import native
 
 SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "cpu" / "cos_nce_cpu.cpp"
-_log = logging.getLogger(__name__)
 
 
 def compiler_present() -> bool:
     return SOURCE.exists() and shutil.which(os.environ.get("CXX", "c++")) is not None
 
 
-def _build_tag() -> str:
-    """Source + CPU instruction-set flags: a -march=native build never runs on another CPU."""
-    digest = hashlib.sha256(SOURCE.read_bytes())
+def _cpu_flags() -> bytes:
+    """A -march=native build never runs on another CPU: its instruction-set flags key the cache."""
     try:
         with open("/proc/cpuinfo") as f:
-            digest.update(next((line for line in f if line.startswith("flags")), "").encode())
+            return next((line for line in f if line.startswith("flags")), "").encode()
     except OSError:
-        pass
-    return digest.hexdigest()[:12]
+        return b""
 
 
 @functools.lru_cache(maxsize=None)
 def extension():
     """Build (once, cached on disk) and load the C++ extension."""
-    from torch.utils.cpp_extension import load
-
-    if not SOURCE.exists():
-        raise RuntimeError(f"the C++ source {SOURCE} is missing; install lrc_kernels from its source tree")
-    _log.info("lrc_kernels: building the C++ CPU kernels (first use only; about a minute)")
-    return load(
-        name=f"lrc_kernels_cpu_{_build_tag()}",
-        sources=[str(SOURCE)],
-        extra_cflags=["-O3", "-march=native", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-        verbose=False,
-    )
+    return native.build_extension("cpu", [SOURCE], _cpu_flags(), extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                                  extra_ldflags=["-fopenmp"])
 
 
 def ensure_ready() -> None:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import logging
 from pathlib import Path
 
 import torch
@@ -27,7 +25,6 @@ from . import native
 
 SOURCES = [Path(__file__).resolve().parents[2] / "csrc" / "cuda" / name
            for name in ("cos_nce_cuda.cpp", "cos_nce_cuda.cu")]
-_log = logging.getLogger(__name__)
 
 
 def toolchain_present() -> bool:
@@ -39,30 +36,11 @@ def toolchain_present() -> bool:
     return CUDA_HOME is not None
 
 
-def _build_tag() -> str:
-    digest = hashlib.sha256()
-    for path in SOURCES:
-        digest.update(path.read_bytes())
-    digest.update(f"{torch.__version__}{torch.cuda.get_device_capability()}".encode())
-    return digest.hexdigest()[:12]
-
-
 @functools.lru_cache(maxsize=None)
 def extension():
-    """Build (once, cached on disk) and load the CUDA extension."""
-    from torch.utils.cpp_extension import load
-
-    missing = [str(p) for p in SOURCES if not p.exists()]
-    if missing:
-        raise RuntimeError(f"the CUDA sources {missing} are missing; install lrc_kernels from its source tree")
-    _log.info("lrc_kernels: building the CUDA kernels (first use only; a minute or two)")
-    return load(
-        name=f"lrc_kernels_cuda_{_build_tag()}",
-        sources=[str(p) for p in SOURCES],
-        extra_cflags=["-O3"],
-        extra_cuda_cflags=["-O3", "-lineinfo"],
-        verbose=False,
-    )
+    """Build (once, cached on disk) and load the CUDA extension, for this torch and GPU architecture."""
+    arch = f"{torch.__version__}{torch.cuda.get_device_capability()}".encode()
+    return native.build_extension("cuda", SOURCES, arch, extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-lineinfo"])
 
 
 def ensure_ready() -> None:

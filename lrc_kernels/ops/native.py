@@ -48,6 +48,25 @@ def extension_for(device: torch.device):
     raise RuntimeError(f"no native lrc_kernels extension for device type {device.type!r}")
 
 
+def build_extension(kind: str, sources: list, tag_extra: bytes, **load_kwargs):
+    """JIT-build (ninja, cached on disk) the extension from ``sources``; the cache key hashes the
+    sources and ``tag_extra`` (what else makes a build unusable elsewhere: CPU flags, GPU arch)."""
+    import hashlib
+    import logging
+
+    from torch.utils.cpp_extension import load
+
+    missing = [str(p) for p in sources if not p.exists()]
+    if missing:
+        raise RuntimeError(f"the {kind} sources {missing} are missing; install lrc_kernels from its source tree")
+    digest = hashlib.sha256(tag_extra)
+    for path in sources:
+        digest.update(path.read_bytes())
+    logging.getLogger(__name__).info("lrc_kernels: building the %s kernels (first use only; a minute or two)", kind)
+    return load(name=f"lrc_kernels_{kind}_{digest.hexdigest()[:12]}", sources=[str(p) for p in sources],
+                verbose=False, **load_kwargs)
+
+
 def _placeholder(dtype=torch.float32):
     return torch.empty(0, dtype=dtype)
 
@@ -73,7 +92,7 @@ def partials(student: Tensor, teacher: Tensor, negatives: Optional[Tensor], neg_
             raise IndexError(f"neg_index values must lie in [0, {rows}), got values in [{lo}, {hi}]")
     negatives = _placeholder() if negatives is None else negatives
     neg_index = _placeholder(torch.int64) if neg_index is None else neg_index
-    ss, dots, xx = extension_for(student.device).partials(student, teacher, negatives, neg_index, mode, False)
+    ss, dots, xx = extension_for(student.device).partials(student, teacher, negatives, neg_index, mode)
     return ss, dots, xx
 
 

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+import typing
 from pathlib import Path
 from typing import Optional
 
@@ -65,15 +66,19 @@ DISTILL_HELP = {
 }
 
 
+def _value_type(name: str):
+    """int or float for numeric settings (Optional[...] unwrapped), else str."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    kinds = [k for k in typing.get_args(hint) if k is not type(None)] or [hint]
+    return kinds[0] if kinds[0] in (int, float) else str
+
+
 def _add_settings(parser: argparse.ArgumentParser, helps: dict) -> None:
     for name, text in helps.items():
         if name == "config":
             parser.add_argument("--config", default=None, metavar="YAML", help=text)
             continue
-        field = TrainConfig.__dataclass_fields__[name]
-        kind = {"int": int, "float": float}.get(str(field.type).replace("Optional[", "").rstrip("]"), str)
-        if name in ("max_steps", "max_length", "num_negatives", "limit_train", "limit_eval"):
-            kind = int
+        kind = _value_type(name)
         choices = {"representation": ["sequence", "cls"], "perturb_mode": ["replace", "add"]}.get(name)
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, choices=choices,
                             help=text)
@@ -186,14 +191,11 @@ def run_training(cfg: TrainConfig, command: str, resume: bool = False, on_step=N
 
 
 def run_evaluate(cfg: TrainConfig, split: str) -> dict:
-    import numpy as np
-    import torch
     from transformers import AutoModelForSequenceClassification
 
-    from .data import Collator, tokenize_split
-    from .metrics import compute_metrics
+    from .data import Collator, model_inputs, tokenize_split
     from .tasks import dev_splits, get_task, label_alignment
-    from .trainer import resolve_device, to_device
+    from .trainer import evaluate, resolve_device
 
     validate(cfg, "evaluate")
     task = get_task(cfg.task)
@@ -203,24 +205,14 @@ def run_evaluate(cfg: TrainConfig, split: str) -> dict:
     model = AutoModelForSequenceClassification.from_pretrained(cfg.model).to(device).eval()
     alignment = label_alignment(task, model.config.id2label, cfg.assume_label_order)
     tokenizer = _load_tokenizer(cfg.model)
-    collate = Collator(tokenizer, task.is_regression)
+
+    def predict(batch):
+        logits = model(**model_inputs(batch)).logits
+        return logits.squeeze(-1) if alignment is None else logits[:, alignment].argmax(-1)  # dataset label order
+
     splits = dev_splits(task) if split == "dev" else ("test",)
-    result = {}
-    for name in splits:
-        ds = tokenize_split(task, name, tokenizer, cfg, cfg.limit_eval)
-        preds, labels = [], []
-        for start in range(0, len(ds), cfg.eval_batch_size):
-            batch = collate(ds[start:start + cfg.eval_batch_size])
-            with torch.no_grad():
-                logits = model(**{k: v for k, v in to_device(batch, device).items() if k != "labels"}).logits
-            if alignment is None:
-                preds.append(logits.squeeze(-1).cpu().numpy())
-            else:
-                preds.append(logits[:, alignment].argmax(-1).cpu().numpy())  # dataset label order
-            labels.append(batch["labels"].numpy())
-        metrics = compute_metrics(task, np.concatenate(preds), np.concatenate(labels))
-        result.update({f"{name}/{k}": v for k, v in metrics.items()})
-    return result
+    sets = {name: tokenize_split(task, name, tokenizer, cfg, cfg.limit_eval) for name in splits}
+    return evaluate(predict, sets, Collator(tokenizer, task.is_regression), task, cfg.eval_batch_size, device)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -133,6 +133,7 @@ class Trainer:
         method.total_steps = self.total_steps
         params = method.param_groups(cfg.weight_decay)
         self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
+        self.parameters = [p for group in params for p in group["params"]]  # what gets clipped
         from transformers import get_linear_schedule_with_warmup
 
         self.scheduler = get_linear_schedule_with_warmup(
@@ -225,8 +226,7 @@ class Trainer:
         try:
             for step, batch in self._batches(self.step):
                 parts = self.method.train_step(to_device(batch, self.device), step)
-                params = [p for g in self.optimizer.param_groups for p in g["params"]]
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.cfg.max_grad_norm)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
