@@ -16,6 +16,7 @@ from lrc_bert import cli  # noqa: E402
 from lrc_bert.config import TrainConfig, build_config, load_yaml, validate  # noqa: E402
 from lrc_bert.distill import DistillMethod, uniform_layer_map  # noqa: E402
 from lrc_bert.metrics import compute_metrics  # noqa: E402
+from lrc_bert.runtime import Runtime  # noqa: E402
 from lrc_bert.tasks import get_task, label_alignment  # noqa: E402
 from trainer_fixtures import SNLI_LABELS, SNLI_SAMPLE, build_teacher, tiny_distill_settings  # noqa: E402
 
@@ -41,7 +42,7 @@ def make_method(teacher, tmp_path, **overrides):
     cfg = build_config(None, **tiny_distill_settings(teacher, tmp_path, **overrides))
     tokenizer = AutoTokenizer.from_pretrained(teacher)
     method = DistillMethod(cfg, get_task("snli"), AutoModelForSequenceClassification.from_pretrained(teacher),
-                           tokenizer, torch.device("cpu"))
+                           tokenizer, Runtime(torch.device("cpu")))
     method.total_steps = 10
     sentences = ["a man is riding a horse .", "two dogs play in the snow .", "a woman reads a book .",
                  "the kids are at school ."]
@@ -101,8 +102,8 @@ def test_stage_switch_at_the_right_step(teacher, tmp_path):
 
 def test_sampled_negatives(teacher, tmp_path):
     method, batch = make_method(teacher, tmp_path, num_negatives=2, perturb_eps=0.0)
-    index = method._sample_negatives(4)
-    assert index.shape == (4, 2)
+    index, offset = method._negatives(4, None)
+    assert index.shape == (4, 2) and offset == 0
     assert all(b not in index[b].tolist() for b in range(4))
     parts = method.train_step(batch, 0)
     assert math.isfinite(parts["cos_nce"])

@@ -26,7 +26,11 @@ COMMON_HELP = {
     "config": "YAML file of settings (names as in configs/lrc_bert.yaml); flags override it",
     "epochs": "training epochs (default 3)",
     "max_steps": "stop after this many optimiser steps (overrides --epochs)",
-    "batch_size": "training batch size (default 16, as in the paper)",
+    "batch_size": "global training batch per optimiser step, over all processes and micro-batches "
+                  "(default 16, as in the paper)",
+    "grad_accum_steps": "split each process's share of the batch into N micro-batches, accumulating gradients "
+                        "(the loss is divided by N; default 1)",
+    "precision": "fp32 (default), bf16 (autocast) or fp16 (autocast and a gradient scaler)",
     "eval_batch_size": "evaluation batch size (default 64)",
     "learning_rate": "peak AdamW learning rate (the paper searches 5e-5, 1e-4, 3e-4; default 5e-5)",
     "weight_decay": "AdamW weight decay (default 0.01; none on biases and LayerNorm)",
@@ -54,7 +58,11 @@ DISTILL_HELP = {
     "student_heads": "student attention heads for the default config (default 12)",
     "student_intermediate": "student FFN width for the default config (default 1200)",
     "representation": "COS-NCE representation: sequence (whole layer, padding masked; the paper) or cls",
-    "num_negatives": "K negatives sampled per row from the batch (default: all B - 1)",
+    "num_negatives": "K negatives sampled per row from the batch (default: all B - 1), or drawn from the bank",
+    "negative_source": "batch: other rows of the batch (default); bank: K rows per sample drawn from the cached "
+                       "teacher representations of the whole training set (needs --teacher-cache)",
+    "teacher_cache": "folder written by `lrc-bert cache-teacher`: the teacher's outputs are read from it and "
+                     "the teacher never runs",
     "loss_backend": "lrc_kernels backend for COS-NCE: auto (default), torch, triton, cpp, cuda",
     "temperature": "soft-loss temperature (default 1.1)",
     "alpha": "COS-NCE weight, both stages (default 1)",
@@ -79,7 +87,8 @@ def _add_settings(parser: argparse.ArgumentParser, helps: dict) -> None:
             parser.add_argument("--config", default=None, metavar="YAML", help=text)
             continue
         kind = _value_type(name)
-        choices = {"representation": ["sequence", "cls"], "perturb_mode": ["replace", "add"]}.get(name)
+        choices = {"representation": ["sequence", "cls"], "perturb_mode": ["replace", "add"],
+                   "precision": ["fp32", "bf16", "fp16"], "negative_source": ["batch", "bank"]}.get(name)
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, choices=choices,
                             help=text)
 
@@ -107,8 +116,20 @@ def make_parser() -> argparse.ArgumentParser:
     _add_settings(ds, {**COMMON_HELP, **DISTILL_HELP})
     ds.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=None,
                     help="do not write TensorBoard scalars")
-    ds.add_argument("--layer-map", dest="layer_map", type=lambda v: [int(x) for x in v.split(",")], default=None,
-                    help="teacher layer (1-based) per student layer, comma separated (default: uniform ceil(i N / M))")
+    _add_layer_map(ds)
+    ds.add_argument("--compile-student", dest="compile_student", action="store_true", default=None,
+                    help="torch.compile the student's encoder")
+    ds.add_argument("--global-negatives", dest="global_negatives", action="store_true", default=None,
+                    help="under torchrun: COS-NCE negatives from the global batch (teacher rows all-gathered)")
+
+    ct = sub.add_parser("cache-teacher", help="run the teacher once over the training set and store its logits "
+                        "and mapped-layer representations (fp16 memory maps) for distill --teacher-cache")
+    ct.add_argument("--teacher", required=True, help="fine-tuned teacher folder (e.g. OUTPUT/model of finetune)")
+    ct.add_argument("--output", required=True, help="cache folder to write (its disk need is stated first)")
+    _add_settings(ct, {**{k: COMMON_HELP[k] for k in ("task", "data_dir", "config", "max_length", "eval_batch_size",
+                                                     "precision", "device", "limit_train", "cache_dir")},
+                       **{k: DISTILL_HELP[k] for k in ("representation", "student_layers")}})
+    _add_layer_map(ct)
 
     ev = sub.add_parser("evaluate", help="evaluate a saved model; prints one JSON line of metrics")
     ev.add_argument("--model", required=True, help="model folder (finetune's model/, distill's student/)")
@@ -119,6 +140,11 @@ def make_parser() -> argparse.ArgumentParser:
     _add_settings(ev, {k: COMMON_HELP[k] for k in ("task", "data_dir", "config", "max_length", "eval_batch_size",
                                                    "device", "limit_eval", "cache_dir")})
     return parser
+
+
+def _add_layer_map(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--layer-map", dest="layer_map", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                        help="teacher layer (1-based) per student layer, comma separated (default: uniform ceil(i N / M))")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -135,59 +161,106 @@ def _load_tokenizer(ref: str):
     return AutoTokenizer.from_pretrained(ref)
 
 
-def _datasets(cfg: TrainConfig, task, tokenizer, with_train: bool):
+def _datasets(cfg: TrainConfig, task, tokenizer, with_train: bool, with_eval: bool = True):
     from .data import tokenize_split
     from .tasks import dev_splits
 
-    evals = {split: tokenize_split(task, split, tokenizer, cfg, cfg.limit_eval) for split in dev_splits(task)}
+    evals = {split: tokenize_split(task, split, tokenizer, cfg, cfg.limit_eval) for split in dev_splits(task)
+             if with_eval}
     train = tokenize_split(task, "train", tokenizer, cfg, cfg.limit_train) if with_train else None
     return train, evals
 
 
 def run_training(cfg: TrainConfig, command: str, resume: bool = False, on_step=None) -> dict:
-    """finetune or distill, from a validated config; returns the final dev metrics."""
+    """finetune or distill, from a validated config; returns the final dev metrics (rank 0; {} elsewhere).
+
+    Under torchrun this process joins the process group first; see ``runtime.py``.
+    """
     import torch
 
     from .data import Collator
+    from .runtime import init_runtime, shutdown
     from .tasks import dev_splits, get_task
-    from .trainer import Trainer, resolve_device
+    from .trainer import Trainer
 
     validate(cfg, command)
     task = get_task(cfg.task)
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    output = Path(cfg.output)
-    output.mkdir(parents=True, exist_ok=True)
-    if command == "finetune":
-        from .finetune import FinetuneMethod
+    runtime = init_runtime(cfg.device, cfg.precision)
+    if not runtime.is_main:
+        logging.getLogger("lrc_bert").setLevel(logging.WARNING)
+    try:
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+        output = Path(cfg.output)
+        output.mkdir(parents=True, exist_ok=True)
+        tokenizer = _load_tokenizer(cfg.model if command == "finetune" else cfg.teacher)
+        train, evals = _datasets(cfg, task, tokenizer, with_train=True)
+        if command == "finetune":
+            from .finetune import FinetuneMethod
 
-        tokenizer = _load_tokenizer(cfg.model)
-        method = FinetuneMethod(cfg, task, tokenizer, device)
-    else:
-        from transformers import AutoModelForSequenceClassification
+            method = FinetuneMethod(cfg, task, tokenizer, runtime)
+        else:
+            from .distill import DistillMethod
 
-        from .distill import DistillMethod
+            teacher, cache = _teacher_or_cache(cfg, train)
+            method = DistillMethod(cfg, task, teacher, tokenizer, runtime, cache)
+        if runtime.rank:
+            torch.manual_seed(cfg.seed + 7919 * runtime.rank)  # dropout differs across ranks
+        if runtime.is_main:
+            save_config(cfg, output / "config.json")
+        trainer = Trainer(cfg, method, train, evals, Collator(tokenizer, task.is_regression), task, runtime,
+                          dev_splits(task)[0])
+        final = trainer.fit(resume=resume, on_step=on_step)
+        best = output / "checkpoints" / "best"
+        export = output / ("model" if command == "finetune" else "student")
+        if runtime.is_main and best.is_dir():
+            import shutil
 
-        tokenizer = _load_tokenizer(cfg.teacher)
-        teacher = AutoModelForSequenceClassification.from_pretrained(cfg.teacher)
-        method = DistillMethod(cfg, task, teacher, tokenizer, device)
-    train, evals = _datasets(cfg, task, tokenizer, with_train=True)
-    save_config(cfg, output / "config.json")
-    trainer = Trainer(cfg, method, train, evals, Collator(tokenizer, task.is_regression), task, device,
-                      dev_splits(task)[0])
-    final = trainer.fit(resume=resume, on_step=on_step)
-    best = output / "checkpoints" / "best"
-    export = output / ("model" if command == "finetune" else "student")
-    if best.is_dir():
-        from .checkpoint import atomic_directory
-        import shutil
+            from .checkpoint import atomic_directory
 
-        with atomic_directory(export) as tmp:
-            for item in best.iterdir():
-                shutil.copy2(item, tmp / item.name)
-    log.info("exported the best model (step %s, %s = %s) to %s", trainer.best["step"], trainer.main_key,
-             trainer.best["value"], export)
-    return final
+            with atomic_directory(export) as tmp:
+                for item in best.iterdir():
+                    shutil.copy2(item, tmp / item.name)
+            log.info("exported the best model (step %s, %s = %s) to %s", trainer.best["step"], trainer.main_key,
+                     trainer.best["value"], export)
+        return final
+    finally:
+        shutdown(runtime)
+
+
+def _teacher_or_cache(cfg: TrainConfig, train):
+    """(teacher model, None), or (teacher config, checked TeacherCache) with --teacher-cache."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    if cfg.teacher_cache is None:
+        return AutoModelForSequenceClassification.from_pretrained(cfg.teacher), None
+    from .teacher_cache import TeacherCache
+
+    cache = TeacherCache(cfg.teacher_cache)
+    cache.check(cfg, train)
+    return AutoConfig.from_pretrained(cfg.teacher), cache
+
+
+def run_cache_teacher(cfg: TrainConfig) -> Path:
+    """``lrc-bert cache-teacher``: the teacher's outputs over the training set, written once."""
+    from transformers import AutoModelForSequenceClassification
+
+    from .data import Collator
+    from .distill import uniform_layer_map
+    from .tasks import get_task
+    from .teacher_cache import write_teacher_cache
+    from .trainer import resolve_device
+
+    validate(cfg, "cache-teacher")
+    task = get_task(cfg.task)
+    tokenizer = _load_tokenizer(cfg.teacher)
+    teacher = AutoModelForSequenceClassification.from_pretrained(cfg.teacher)
+    n_t = teacher.config.num_hidden_layers
+    layers = list(cfg.layer_map) if cfg.layer_map is not None else uniform_layer_map(cfg.student_layers, n_t)
+    if not all(1 <= t <= n_t for t in layers):
+        raise ValueError(f"layer_map: the teacher has layers 1..{n_t}, got {layers}")
+    train, _ = _datasets(cfg, task, tokenizer, with_train=True, with_eval=False)
+    return write_teacher_cache(cfg, teacher, train, Collator(tokenizer, task.is_regression), sorted(set(layers)),
+                               resolve_device(cfg.device), cfg.precision)
 
 
 def run_evaluate(cfg: TrainConfig, split: str) -> dict:
@@ -222,10 +295,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg = config_from_args(args)
         if args.command == "evaluate":
             print(json.dumps({"task": cfg.task, "model": cfg.model, **run_evaluate(cfg, args.split)}))
+        elif args.command == "cache-teacher":
+            print(json.dumps({"task": cfg.task, "teacher_cache": str(run_cache_teacher(cfg))}))
         else:
             final = run_training(cfg, args.command, resume=getattr(args, "resume", False))
-            print(json.dumps({"task": cfg.task, "output": cfg.output, **final}))
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+            if final:  # rank 0
+                print(json.dumps({"task": cfg.task, "output": cfg.output, **final}))
+    except (ValueError, TypeError, FileNotFoundError, OSError, MemoryError) as exc:
         print(f"lrc-bert {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except ImportError as exc:

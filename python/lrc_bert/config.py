@@ -23,7 +23,10 @@ class TrainConfig:
     data_dir: Optional[str] = None  # GLUE TSV folder; None: the Hugging Face hub
     epochs: float = 3.0
     max_steps: Optional[int] = None  # overrides epochs
-    batch_size: int = 16
+    batch_size: int = 16  # the global batch of one optimiser step (all ranks, all micro-batches)
+    grad_accum_steps: int = 1  # micro-batches per rank and step; the loss is divided by it
+    precision: str = "fp32"  # fp32, bf16 (autocast) or fp16 (autocast + GradScaler)
+    compile_student: bool = False  # torch.compile the student's encoder
     eval_batch_size: int = 64
     learning_rate: float = 5e-5  # the paper searches {5e-5, 1e-4, 3e-4}
     weight_decay: float = 0.01
@@ -54,6 +57,9 @@ class TrainConfig:
     layer_map: Optional[list] = None  # teacher layer (1-based) per student layer; None: uniform
     representation: str = "sequence"  # "sequence" (whole layer, masked) or "cls"
     num_negatives: Optional[int] = None  # K sampled per row; None: all B - 1 in-batch negatives
+    negative_source: str = "batch"  # "batch" (other rows of the batch) or "bank" (the cached training set)
+    global_negatives: bool = False  # under torchrun: negatives from the global batch (all ranks)
+    teacher_cache: Optional[str] = None  # folder written by `lrc-bert cache-teacher`; the teacher then never runs
     loss_backend: str = "auto"
     temperature: float = 1.1
     soft_loss_t2: bool = False  # scale the soft loss by T^2 (Hinton); off, as in the paper's formula
@@ -146,11 +152,15 @@ def validate(cfg: TrainConfig, command: str) -> None:
 
     if cfg.task not in TASK_NAMES:
         raise ValueError(f"task must be one of {', '.join(TASK_NAMES)}; got {cfg.task!r}")
-    if command in ("finetune", "distill") and not cfg.output:
+    if command in ("finetune", "distill", "cache-teacher") and not cfg.output:
         raise ValueError("--output is required")
     _number(cfg, "epochs", minimum=0, strict=True)
     _number(cfg, "max_steps", minimum=0, strict=True, integer=True, optional=True)
     _number(cfg, "batch_size", minimum=2 if command == "distill" else 1, integer=True)
+    _number(cfg, "grad_accum_steps", minimum=1, integer=True)
+    if cfg.batch_size % cfg.grad_accum_steps:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by grad_accum_steps {cfg.grad_accum_steps}")
+    _choice(cfg, "precision", ("fp32", "bf16", "fp16"))
     _number(cfg, "eval_batch_size", minimum=1, integer=True)
     _number(cfg, "learning_rate", minimum=0, strict=True)
     _number(cfg, "weight_decay", minimum=0)
@@ -170,8 +180,10 @@ def validate(cfg: TrainConfig, command: str) -> None:
         _check_model_ref("model", cfg.model)
     if command == "evaluate":
         _check_model_ref("model", cfg.model)
-    if command == "distill":
+    if command in ("distill", "cache-teacher"):
         _check_model_ref("teacher", cfg.teacher)
+        _choice(cfg, "representation", ("sequence", "cls"))
+    if command == "distill":
         for name in ("student_config", "student_init"):
             ref = getattr(cfg, name)
             if ref is not None and _looks_local(ref) and not Path(ref).exists():
@@ -181,6 +193,19 @@ def validate(cfg: TrainConfig, command: str) -> None:
         _choice(cfg, "representation", ("sequence", "cls"))
         _choice(cfg, "perturb_mode", ("replace", "add"))
         _number(cfg, "num_negatives", minimum=1, integer=True, optional=True)
+        _choice(cfg, "negative_source", ("batch", "bank"))
+        if cfg.negative_source == "bank":
+            if cfg.teacher_cache is None:
+                raise ValueError("negative_source bank draws negatives from the cached teacher outputs: "
+                                 "set --teacher-cache (written by `lrc-bert cache-teacher`)")
+            if cfg.num_negatives is None:
+                raise ValueError("negative_source bank needs --num-negatives K (negatives drawn per sample)")
+            if cfg.global_negatives:
+                raise ValueError("global_negatives applies to negative_source batch; the bank already holds "
+                                 "the whole training set")
+        if cfg.teacher_cache is not None and not (Path(cfg.teacher_cache) / "cache.json").is_file():
+            raise FileNotFoundError(f"--teacher-cache {cfg.teacher_cache} is not a teacher cache (no cache.json); "
+                                    "write one with `lrc-bert cache-teacher`")
         _number(cfg, "temperature", minimum=0, strict=True)
         _number(cfg, "perturb_eps", minimum=0)
         for name in ("alpha", "beta", "gamma"):

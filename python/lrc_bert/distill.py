@@ -10,7 +10,10 @@
 * Loss: L = sum over the stage's registered losses of weight * loss (``losses.py``);
   by default stage 1 (80% of steps) is 1:0:0 and stage 2 is 1:1:3 over cos_nce:soft:hard.
   COS-NCE negatives are the teacher rows of the other samples in the batch (all B - 1,
-  or K sampled per row through ``neg_index``).
+  or K sampled per row through ``neg_index``); under torchrun with ``global_negatives``,
+  of the global batch (teacher rows all-gathered; gradients reach only the local student
+  rows); or, with ``negative_source: bank``, K rows drawn per sample from the cached
+  teacher representations of the whole training set (``teacher_cache.py``).
 * Gradient perturbation: g = dL/de at the student's embedding output e;
   e' = e + eps g / ||g|| (per example); the step uses the gradient of L at e'
   ("replace", the paper) or the sum of both gradients ("add", FGM-style).
@@ -18,12 +21,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import atomic_directory
@@ -31,7 +36,9 @@ from .config import TrainConfig
 from .data import model_inputs
 from .finetune import label_kwargs
 from .losses import LOSSES, LossInputs
+from .runtime import Runtime
 from .tasks import TaskSpec, label_alignment
+from .teacher_cache import TeacherCache, representation
 from .trainer import decay_groups
 
 log = logging.getLogger("lrc_bert")
@@ -68,24 +75,66 @@ def build_student(cfg: TrainConfig, teacher_config, task: TaskSpec):
     return AutoModelForSequenceClassification.from_config(config)
 
 
+class StudentWithProjections(nn.Module):
+    """The trained modules as one ``nn.Module``, so that one DDP wrapper covers them.
+
+    ``forward`` returns only what the stage's losses use (logits and / or the projected
+    mapped layers): DDP's search for unused parameters starts from these outputs.
+    """
+
+    def __init__(self, student, projections: nn.ModuleList):
+        super().__init__()
+        self.student, self.projections = student, projections
+
+    def forward(self, inputs: dict, need_logits: bool, need_layers: bool):
+        out = self.student(**inputs, output_hidden_states=need_layers)
+        layers = [proj(out.hidden_states[i + 1]) for i, proj in enumerate(self.projections)] if need_layers else []
+        return (out.logits if need_logits else None), layers
+
+
 class DistillMethod:
-    def __init__(self, cfg: TrainConfig, task: TaskSpec, teacher, tokenizer, device: torch.device):
-        self.cfg, self.task, self.tokenizer, self.device = cfg, task, tokenizer, device
-        self.alignment = label_alignment(task, teacher.config.id2label, cfg.assume_label_order)
-        self.teacher = teacher.to(device).eval().requires_grad_(False)
-        self.student = build_student(cfg, teacher.config, task).to(device)
-        n_t, n_s = teacher.config.num_hidden_layers, self.student.config.num_hidden_layers
+    def __init__(self, cfg: TrainConfig, task: TaskSpec, teacher, tokenizer, runtime: Runtime,
+                 cache: Optional[TeacherCache] = None):
+        """``teacher``: the model, or only its config when ``cache`` holds its outputs."""
+        self.cfg, self.task, self.tokenizer, self.runtime = cfg, task, tokenizer, runtime
+        self.device = device = runtime.device
+        teacher_config = getattr(teacher, "config", teacher)
+        self.alignment = label_alignment(task, teacher_config.id2label, cfg.assume_label_order)
+        self.cache = cache
+        self.teacher = None if cache is not None else teacher.to(device).eval().requires_grad_(False)
+        self.student = build_student(cfg, teacher_config, task).to(device)
+        n_t, n_s = teacher_config.num_hidden_layers, self.student.config.num_hidden_layers
         self.layer_map = list(cfg.layer_map) if cfg.layer_map is not None else uniform_layer_map(n_s, n_t)
         if len(self.layer_map) != n_s or not all(1 <= t <= n_t for t in self.layer_map):
             raise ValueError(f"layer_map must give one teacher layer in 1..{n_t} for each of the {n_s} student "
                              f"layers, got {self.layer_map}")
-        d_s, d_t = self.student.config.hidden_size, teacher.config.hidden_size
+        if cache is not None:
+            cache.check_layers(self.layer_map)
+        d_s, d_t = self.student.config.hidden_size, teacher_config.hidden_size
         self.projections = nn.ModuleList(nn.Linear(d_s, d_t) for _ in self.layer_map).to(device)
         self.modules = {"student": self.student, "projections": self.projections}
         self.embeddings = getattr(self.student.base_model, "embeddings", None)
         if cfg.perturb_eps > 0 and self.embeddings is None:
             raise ValueError("gradient perturbation needs a student with an `embeddings` module (BERT-like); "
                              "set --perturb-eps 0 to train without it")
+        if cfg.compile_student:
+            encoder = getattr(self.student.base_model, "encoder", None)
+            if encoder is None:
+                raise ValueError("compile_student compiles the student's `encoder` module, which this student lacks")
+            encoder.compile()
+        self.trained = StudentWithProjections(self.student, self.projections)
+        self.model = self.trained  # what the loss runs through: DDP-wrapped when distributed
+        if runtime.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(
+                self.trained, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=True,  # a stage's losses may not use the classifier or the projections
+                broadcast_buffers=False)
+        self.banks = None
+        if cfg.negative_source == "bank":
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
+            self.banks = {layer: cache.bank(layer, device, dtype) for layer in sorted(set(self.layer_map))}
         self.negative_generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.plan = cfg.stage_plan()
         self.total_steps = 0
@@ -108,37 +157,78 @@ class DistillMethod:
         events, self._events = self._events, []
         return events
 
+    def no_sync(self):
+        return self.model.no_sync() if self.model is not self.trained else contextlib.nullcontext()
+
+    # ------------------------------------------------------------------ negatives
+
+    def _sample_in_batch(self, rows: int, k: int) -> torch.Tensor:
+        """[rows, k] distinct other rows of a batch of ``rows`` (drawn from the shared generator)."""
+        scores = torch.rand(rows, rows, generator=self.negative_generator)
+        scores.fill_diagonal_(-1.0)  # never the row itself
+        return scores.topk(k, dim=1).indices
+
+    def _negatives(self, batch_size: int, index: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], int]:
+        """(neg_index, offset): the rows of the negative pool each local row uses, and the
+        position of local row 0 in that pool. None: all other rows of the local batch."""
+        cfg, world, rank = self.cfg, self.runtime.world_size, self.runtime.rank
+        if cfg.negative_source == "bank":
+            # O(K) per sample: K uniform draws over the N - 1 other examples (with replacement).
+            n = self.cache.num_examples
+            draws = torch.randint(0, n - 1, (batch_size, cfg.num_negatives), generator=self.negative_generator)
+            own = index.cpu()[:, None]
+            return (draws + (draws >= own).long()).to(self.device), 0
+        if cfg.global_negatives and world > 1:
+            pool, offset = world * batch_size, rank * batch_size
+            if cfg.num_negatives is None:
+                others = torch.arange(pool).expand(pool, pool)[~torch.eye(pool, dtype=torch.bool)].view(pool, pool - 1)
+            else:  # every rank draws the same global matrix and keeps its own rows
+                others = self._sample_in_batch(pool, min(cfg.num_negatives, pool - 1))
+            return others[offset:offset + batch_size].to(self.device), offset
+        if cfg.num_negatives is None:
+            return None, 0
+        return self._sample_in_batch(batch_size, min(cfg.num_negatives, batch_size - 1)).to(self.device), 0
+
     # ------------------------------------------------------------------ loss
 
-    def _representations(self, hidden_states, mask, project: Optional[nn.Module]):
-        h = hidden_states if project is None else project(hidden_states)
-        if self.cfg.representation == "cls":
-            return h[:, 0]
-        return (h * mask).flatten(1)
+    def _teacher(self, batch) -> tuple[torch.Tensor, list]:
+        """Teacher logits and mapped-layer representations: from the cache, or a forward pass."""
+        if self.cache is not None:
+            return self.cache.rows(batch["index"], self.layer_map, self.device)
+        with torch.no_grad(), self.runtime.autocast():
+            out = self.teacher(**model_inputs(batch), output_hidden_states=True)
+        mask = batch["attention_mask"]
+        return out.logits, [representation(out.hidden_states[t], mask, self.cfg.representation)
+                            for t in self.layer_map]
 
-    def _sample_negatives(self, batch_size: int) -> Optional[torch.Tensor]:
-        if self.cfg.num_negatives is None:
-            return None
-        k = min(self.cfg.num_negatives, batch_size - 1)
-        scores = torch.rand(batch_size, batch_size, generator=self.negative_generator)
-        scores.fill_diagonal_(-1.0)  # never the row itself
-        return scores.topk(k, dim=1).indices.to(self.device)
-
-    def _loss(self, batch, teacher_out, weights, neg_index):
-        inputs = model_inputs(batch)
+    def _loss(self, model, batch, teacher_logits, teacher_reps, weights, negatives):
         need_reps = any(w > 0 and LOSSES[name].needs_representations for name, w in weights.items())
-        out = self.student(**inputs, output_hidden_states=need_reps)
-        mask = batch["attention_mask"].unsqueeze(-1).to(out.logits.dtype)
-        s_reps, t_reps = [], []
+        need_logits = any(w > 0 and not LOSSES[name].needs_representations for name, w in weights.items())
+        with self.runtime.autocast():
+            logits, layers = model(model_inputs(batch), need_logits, need_reps)
+        s_reps, t_reps, banks = [], [], []
+        neg_index, _ = negatives
         if need_reps:
-            for i, (t_layer, proj) in enumerate(zip(self.layer_map, self.projections)):
-                s_reps.append(self._representations(out.hidden_states[i + 1], mask, proj))
-                t_reps.append(self._representations(teacher_out.hidden_states[t_layer], mask, None))
-        teacher_logits = teacher_out.logits
+            for h, t_layer, t_rep in zip(layers, self.layer_map, teacher_reps):
+                s = representation(h, batch["attention_mask"], self.cfg.representation)
+                t = t_rep.to(s.dtype)
+                if s.shape[1] != t.shape[1]:
+                    raise ValueError(f"student representation has {s.shape[1]} features, the teacher's "
+                                     f"{t.shape[1]}: check --max-length against the teacher cache")
+                if self.banks is not None:
+                    bank = self.banks[t_layer]
+                elif self.cfg.global_negatives and self.runtime.distributed:
+                    width = self.runtime.max_int(s.shape[1])  # dynamic padding: lengths differ across ranks
+                    s, t = F.pad(s, (0, width - s.shape[1])), F.pad(t, (0, width - t.shape[1]))
+                    bank = self.runtime.all_gather_rows(t)
+                else:
+                    bank = None
+                s_reps.append(s), t_reps.append(t), banks.append(bank)
         if self.alignment is not None:
             teacher_logits = teacher_logits[:, self.alignment]  # into the dataset's label order
-        x = LossInputs(out.logits, teacher_logits, batch["labels"], s_reps, t_reps, neg_index,
-                       self.task.is_regression, self.cfg.temperature, self.cfg.soft_loss_t2, self.cfg.loss_backend)
+        x = LossInputs(logits, teacher_logits, batch["labels"], s_reps, t_reps, neg_index,
+                       self.task.is_regression, self.cfg.temperature, self.cfg.soft_loss_t2, self.cfg.loss_backend,
+                       banks)
         parts = {name: LOSSES[name](x) for name, w in weights.items() if w > 0}
         total = sum(weights[name] * value for name, value in parts.items())
         return total, {k: float(v.detach()) for k, v in parts.items()}
@@ -150,46 +240,48 @@ class DistillMethod:
                 self._events.append(f"stage {stage + 1} begins: weights {self.plan[stage]['weights']}")
             self._stage = stage
         weights = self.plan[stage]["weights"]
-        with torch.no_grad():
-            teacher_out = self.teacher(**model_inputs(batch), output_hidden_states=True)
-        neg_index = self._sample_negatives(batch["input_ids"].shape[0])
+        teacher_logits, teacher_reps = self._teacher(batch)
+        negatives = self._negatives(batch["input_ids"].shape[0], batch.get("index"))
+        args = (batch, teacher_logits, teacher_reps, weights, negatives)
         eps = self.cfg.perturb_eps
         if eps == 0:
-            loss, parts = self._loss(batch, teacher_out, weights, neg_index)
-            loss.backward()
+            loss, parts = self._loss(self.model, *args)
+            self.runtime.backward(loss)
             return {"loss": float(loss.detach()), **parts, "stage": stage + 1}
-        # Pass 1: the gradient at the embedding output e.
+        # Pass 1, outside DDP (its gradients stay local, like no_sync): the gradient at the
+        # embedding output e.
         captured = {}
         hook = self.embeddings.register_forward_hook(lambda m, i, o: captured.setdefault("e", o))
         try:
-            loss, parts = self._loss(batch, teacher_out, weights, neg_index)
+            loss, parts = self._loss(self.trained, *args)
         finally:
             hook.remove()
         e = captured["e"]
         if self.cfg.perturb_mode == "replace":
-            (g,) = torch.autograd.grad(loss, e)
+            (g,) = torch.autograd.grad(self.runtime.scale(loss), e)  # scaled: no fp16 underflow; only g's direction is used
         else:
             e.retain_grad()
-            loss.backward()
+            self.runtime.backward(loss)
             g = e.grad
+        g = g.float()
         norm = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (g.dim() - 1)))
-        delta = (eps * g / norm).detach()
-        # Pass 2: the loss at e + delta; its gradient updates the parameters.
+        delta = (eps * g / norm).to(e.dtype).detach()
+        # Pass 2: the loss at e + delta; its gradient (synchronised by DDP) updates the parameters.
         hook = self.embeddings.register_forward_hook(lambda m, i, o: o + delta)
         try:
-            loss_adv, parts_adv = self._loss(batch, teacher_out, weights, neg_index)
+            loss_adv, parts_adv = self._loss(self.model, *args)
         finally:
             hook.remove()
-        loss_adv.backward()
+        self.runtime.backward(loss_adv)
         return {"loss": float(loss.detach()), **parts, "loss_perturbed": float(loss_adv.detach()), "stage": stage + 1}
 
     def predict(self, batch):
-        logits = self.student(**model_inputs(batch)).logits
+        with self.runtime.autocast():
+            logits = self.student(**model_inputs(batch)).logits.float()
         return logits.squeeze(-1) if self.task.is_regression else logits.argmax(-1)
 
     def param_groups(self, weight_decay):
-        named = list(self.student.named_parameters()) + list(self.projections.named_parameters())
-        return decay_groups(named, weight_decay)
+        return decay_groups(self.trained.named_parameters(), weight_decay)
 
     # ------------------------------------------------------------------ state
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .checkpoint import atomic_directory
 from .config import TrainConfig
 from .data import model_inputs
+from .runtime import Runtime
 from .tasks import TaskSpec
 from .trainer import decay_groups
 
@@ -26,24 +29,40 @@ def label_kwargs(task: TaskSpec) -> dict:
 
 
 class FinetuneMethod:
-    def __init__(self, cfg: TrainConfig, task: TaskSpec, tokenizer, device: torch.device):
+    def __init__(self, cfg: TrainConfig, task: TaskSpec, tokenizer, runtime: Runtime):
         from transformers import AutoModelForSequenceClassification
 
-        self.cfg, self.task, self.tokenizer = cfg, task, tokenizer
+        self.cfg, self.task, self.tokenizer, self.runtime = cfg, task, tokenizer, runtime
+        device = runtime.device
         self.model = AutoModelForSequenceClassification.from_pretrained(cfg.model, **label_kwargs(task)).to(device)
         self.modules = {"model": self.model}
+        self.wrapped = self.model
+        if runtime.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.wrapped = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda"
+                                                   else None, broadcast_buffers=False)
         self.total_steps = 0
 
     def param_groups(self, weight_decay):
         return decay_groups(self.model.named_parameters(), weight_decay)
 
+    def no_sync(self):
+        return self.wrapped.no_sync() if self.wrapped is not self.model else contextlib.nullcontext()
+
     def train_step(self, batch, step):
-        out = self.model(**model_inputs(batch), labels=batch["labels"])
-        out.loss.backward()
-        return {"loss": out.loss.item()}
+        with self.runtime.autocast():
+            logits = self.wrapped(**model_inputs(batch)).logits.float()
+        if self.task.is_regression:
+            loss = F.mse_loss(logits.squeeze(-1), batch["labels"])
+        else:
+            loss = F.cross_entropy(logits, batch["labels"])
+        self.runtime.backward(loss)
+        return {"loss": loss.item()}
 
     def predict(self, batch):
-        logits = self.model(**model_inputs(batch)).logits
+        with self.runtime.autocast():
+            logits = self.model(**model_inputs(batch)).logits.float()
         return logits.squeeze(-1) if self.task.is_regression else logits.argmax(-1)
 
     def state_dict(self):

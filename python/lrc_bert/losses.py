@@ -35,18 +35,21 @@ class LossInputs:
     labels: torch.Tensor
     student_reps: list  # per mapped layer: [B, F] student representations, projected to the teacher width
     teacher_reps: list  # per mapped layer: [B, F] teacher representations
-    neg_index: Optional[torch.Tensor]  # [B, K] rows of the batch used as negatives; None: all others
+    neg_index: Optional[torch.Tensor]  # [B, K] rows of the negative pool per sample; None: all others in the batch
     regression: bool
     temperature: float
     soft_t2: bool
     loss_backend: str
+    negative_banks: Optional[list] = None  # per mapped layer: the pool neg_index points into; None: the batch
 
 
 @register_loss("cos_nce", needs_representations=True)
 def cos_nce(x: LossInputs) -> torch.Tensor:
-    """Sum over mapped layers of COS-NCE; negatives are the teacher rows of other samples."""
-    return sum(lk.cos_nce_loss(s, t, None, x.neg_index, backend=x.loss_backend)
-               for s, t in zip(x.student_reps, x.teacher_reps))
+    """Sum over mapped layers of COS-NCE; negatives are teacher rows of other samples (of the
+    batch, the global batch, or the cached training set), never gathered into [B, K, F]."""
+    banks = x.negative_banks or [None] * len(x.student_reps)
+    return sum(lk.cos_nce_loss(s, t, bank, x.neg_index, backend=x.loss_backend)
+               for s, t, bank in zip(x.student_reps, x.teacher_reps, banks))
 
 
 @register_loss("hidden_mse", needs_representations=True)

@@ -7,12 +7,20 @@ and the best checkpoint, resumable checkpoints, and logging (tqdm, metrics.jsonl
 TensorBoard).
 
 Exact resume: the data order of epoch e is a permutation drawn from ``seed + e``, so the
-position in the data is just (epoch, batch); that, the optimiser, the scheduler, every
-RNG and the method's own state are in each checkpoint.
+position in the data is just (epoch, batch); that, the optimiser, the scheduler, the
+loss scaler, every rank's RNG and the method's own state are in each checkpoint.
+
+Batches and ranks: ``batch_size`` is the *global* batch of one optimiser step. Under
+torchrun each of the W ranks takes its contiguous share (B / W rows) of every global
+batch, and splits it into ``grad_accum_steps`` micro-batches; gradients are synchronised
+by DDP on the last micro-batch only. Because the step, the data order and the schedule
+do not depend on W, a run resumes on any number of processes. Rank 0 evaluates, logs and
+writes checkpoints; the others wait at a barrier.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -26,6 +34,7 @@ import torch
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .metrics import compute_metrics
+from .runtime import Runtime
 from .tasks import TaskSpec
 
 log = logging.getLogger("lrc_bert")
@@ -38,6 +47,8 @@ class Method(Protocol):
     def param_groups(self, weight_decay: float) -> list: ...
 
     def train_step(self, batch: dict, step: int) -> dict: ...
+
+    def no_sync(self): ...  # context: no DDP gradient synchronisation (all but the last micro-batch)
 
     def predict(self, batch: dict) -> torch.Tensor: ...
 
@@ -119,12 +130,17 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, method: Method, train_set, eval_sets: dict, collate, task: TaskSpec,
-                 device: torch.device, main_split: str):
+                 runtime: Runtime, main_split: str):
         self.cfg, self.method, self.train_set, self.eval_sets = cfg, method, train_set, eval_sets
-        self.collate, self.task, self.device = collate, task, device
+        self.collate, self.task, self.runtime, self.device = collate, task, runtime, runtime.device
         self.output = Path(cfg.output)
         self.checkpoints = self.output / "checkpoints"
         self.main_key = f"{main_split}/{task.main_metric}"
+        shares = runtime.world_size * cfg.grad_accum_steps
+        if cfg.batch_size % shares:
+            raise ValueError(f"batch_size {cfg.batch_size} (the global batch) must be divisible by world size "
+                             f"{runtime.world_size} x grad_accum_steps {cfg.grad_accum_steps}")
+        self.micro_batch = cfg.batch_size // shares
         self.steps_per_epoch = len(train_set) // cfg.batch_size  # drop_last: in-batch negatives need full batches
         if self.steps_per_epoch == 0:
             raise ValueError(f"the training set has {len(train_set)} examples, fewer than one batch of "
@@ -143,14 +159,24 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
 
-    def _state(self) -> dict:
+    def _state(self, rng_per_rank: list) -> dict:
+        scaler = self.runtime.scaler
         return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": ckpt.rng_state(), "best": self.best, "method": self.method.state_dict(),
-                "total_steps": self.total_steps}
+                "rng": rng_per_rank[0], "rng_per_rank": rng_per_rank, "best": self.best,
+                "method": self.method.state_dict(), "total_steps": self.total_steps,
+                "scaler": scaler.state_dict() if scaler is not None else None}
 
-    def save(self) -> Path:
-        return ckpt.save_checkpoint(self.checkpoints, self.step, self.method.modules, self._state(),
-                                    self.cfg.to_dict(), self.cfg.keep_checkpoints)
+    def save(self, collective: bool = True) -> Optional[Path]:
+        """Rank 0 writes the checkpoint (with every rank's RNG state); the others wait.
+        ``collective=False`` (on Ctrl-C, when other ranks may be gone): rank 0 alone, its own RNG."""
+        rng = self.runtime.gather_objects(ckpt.rng_state()) if collective else [ckpt.rng_state()]
+        path = None
+        if self.runtime.is_main:
+            path = ckpt.save_checkpoint(self.checkpoints, self.step, self.method.modules, self._state(rng),
+                                        self.cfg.to_dict(), self.cfg.keep_checkpoints)
+        if collective:
+            self.runtime.barrier()
+        return path
 
     def resume(self) -> bool:
         path = ckpt.latest_checkpoint(self.checkpoints)
@@ -159,7 +185,8 @@ class Trainer:
             return False
         saved = json.loads((path / "config.json").read_text())
         ignore = {"output", "resume", "device", "max_steps", "epochs", "eval_steps", "save_steps", "keep_checkpoints",
-                  "logging_steps", "tensorboard", "cache_dir", "data_dir", "loss_backend"}
+                  "logging_steps", "tensorboard", "cache_dir", "data_dir", "loss_backend", "grad_accum_steps",
+                  "compile_student", "teacher_cache"}
         changed = {k: (saved.get(k), v) for k, v in self.cfg.to_dict().items() if k not in ignore and saved.get(k) != v}
         if changed:
             raise ValueError(f"--resume: these settings differ from the checkpoint's {path}: "
@@ -171,7 +198,14 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.method.load_state_dict(state["method"])
-        ckpt.set_rng_state(state["rng"])
+        if self.runtime.scaler is not None and state.get("scaler"):
+            self.runtime.scaler.load_state_dict(state["scaler"])
+        per_rank = state.get("rng_per_rank") or [state["rng"]]
+        if self.runtime.rank < len(per_rank):
+            ckpt.set_rng_state(per_rank[self.runtime.rank])
+        else:  # more ranks than when it was saved: a fresh stream per new rank
+            ckpt.set_rng_state(per_rank[0])
+            torch.manual_seed(self.cfg.seed + 7919 * self.runtime.rank + self.step)
         self.step, self.best = state["step"], state["best"]
         log.info("resumed from %s (step %d of %d)", path, self.step, self.total_steps)
         return True
@@ -179,8 +213,14 @@ class Trainer:
     # ------------------------------------------------------------------ loop
 
     def _batches(self, start_step: int):
-        """(step, batch) from start_step on; epoch e's order is a permutation drawn from seed + e."""
-        n, bs = len(self.train_set), self.cfg.batch_size
+        """(step, this rank's micro-batches) from start_step on.
+
+        Epoch e's order is a permutation drawn from seed + e; global batch i is its slice
+        [i B, (i + 1) B), of which rank r takes rows [r B / W, (r + 1) B / W). Each batch
+        carries ``index``, the rows' positions in the training set (for the teacher cache).
+        """
+        n, bs, micro = len(self.train_set), self.cfg.batch_size, self.micro_batch
+        share = bs // self.runtime.world_size
         step = start_step
         while step < self.total_steps:
             epoch, offset = divmod(step, self.steps_per_epoch)
@@ -188,8 +228,40 @@ class Trainer:
             for i in range(offset, self.steps_per_epoch):
                 if step >= self.total_steps:
                     return
-                yield step, self.collate(self.train_set[order[i * bs:(i + 1) * bs].tolist()])
+                mine = order[i * bs + self.runtime.rank * share:i * bs + (self.runtime.rank + 1) * share]
+                batches = []
+                for j in range(0, share, micro):
+                    index = mine[j:j + micro]
+                    batch = self.collate(self.train_set[index.tolist()])
+                    batch["index"] = index
+                    batches.append(batch)
+                yield step, batches
                 step += 1
+
+    def train_step(self, step: int, batches: list) -> tuple[dict, float]:
+        """One optimiser step over this rank's micro-batches; returns (mean loss parts, grad norm)."""
+        runtime = self.runtime
+        runtime.loss_factor = 1.0 / len(batches)
+        totals: dict = {}
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            with contextlib.nullcontext() if last else self.method.no_sync():
+                parts = self.method.train_step(to_device(batch, self.device), step)
+            for key, value in parts.items():
+                totals[key] = totals.get(key, 0.0) + value / len(batches)
+        if runtime.scaler is not None:
+            runtime.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.cfg.max_grad_norm)
+        if runtime.scaler is not None:
+            runtime.scaler.step(self.optimizer)  # skipped when the gradients overflowed
+            runtime.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if "stage" in parts:
+            totals["stage"] = parts["stage"]
+        return totals, float(grad_norm)
 
     def evaluate(self) -> dict:
         for module in self.method.modules.values():
@@ -201,44 +273,49 @@ class Trainer:
             for module in self.method.modules.values():
                 module.train()
 
-    def _evaluate_and_keep_best(self, metrics_log: MetricsLog) -> dict:
-        metrics = self.evaluate()
-        metrics_log.write("eval", self.step, metrics)
-        value = metrics.get(self.main_key)
-        if value is not None and (self.best["value"] is None or value > self.best["value"]):
-            self.best = {"value": value, "step": self.step, "metrics": metrics}
-            self.method.save_best(self.checkpoints / "best")
-            metrics_log.write("event", self.step, {"event": "new_best", self.main_key: value})
+    def _evaluate_and_keep_best(self, metrics_log: Optional[MetricsLog]) -> dict:
+        """Rank 0 evaluates and keeps the best model; the others wait (and get {})."""
+        metrics = {}
+        if self.runtime.is_main:
+            metrics = self.evaluate()
+            metrics_log.write("eval", self.step, metrics)
+            value = metrics.get(self.main_key)
+            if value is not None and (self.best["value"] is None or value > self.best["value"]):
+                self.best = {"value": value, "step": self.step, "metrics": metrics}
+                self.method.save_best(self.checkpoints / "best")
+                metrics_log.write("event", self.step, {"event": "new_best", self.main_key: value})
+        self.runtime.barrier()
         return metrics
 
     def fit(self, resume: bool = False, on_step: Optional[Callable[[int], None]] = None) -> dict:
-        """Train to the end; returns the final dev metrics. Ctrl-C saves a checkpoint first."""
+        """Train to the end; returns the final dev metrics (on rank 0). Ctrl-C saves a checkpoint first."""
         from tqdm.auto import tqdm
 
+        main = self.runtime.is_main
         self.output.mkdir(parents=True, exist_ok=True)
         if resume:
             self.resume()
-        metrics_log = MetricsLog(self.output, self.cfg.tensorboard)
+        metrics_log = MetricsLog(self.output, self.cfg.tensorboard) if main else None
         for module in self.method.modules.values():
             module.train()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{self.cfg.task}", dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{self.cfg.task}", dynamic_ncols=True,
+                   disable=not main)
         last_saved = self.step
         try:
-            for step, batch in self._batches(self.step):
-                parts = self.method.train_step(to_device(batch, self.device), step)
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.cfg.max_grad_norm)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+            for step, batches in self._batches(self.step):
+                parts, grad_norm = self.train_step(step, batches)
                 self.step = step + 1
                 bar.update(1)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in parts.items() if k != "stage"}, refresh=False)
                 if self.step % self.cfg.logging_steps == 0 or self.step == self.total_steps:
-                    metrics_log.write("train", self.step, {**parts, "lr": self.scheduler.get_last_lr()[0],
-                                                           "grad_norm": float(grad_norm)})
+                    parts = self.runtime.mean_dict(parts)
+                    if main:
+                        metrics_log.write("train", self.step, {**parts, "lr": self.scheduler.get_last_lr()[0],
+                                                               "grad_norm": grad_norm})
                 for event in getattr(self.method, "pop_events", lambda: [])():
                     bar.write(f"step {self.step}: {event}")
-                    metrics_log.write("event", self.step, {"event": event})
+                    if main:
+                        metrics_log.write("event", self.step, {"event": event})
                 if self.step % self.cfg.eval_steps == 0 and self.step < self.total_steps:
                     self._evaluate_and_keep_best(metrics_log)
                 if self.step % self.cfg.save_steps == 0 and self.step < self.total_steps:
@@ -247,15 +324,16 @@ class Trainer:
                 if on_step is not None:
                     on_step(self.step)
         except KeyboardInterrupt:
-            if self.step > last_saved:
-                path = self.save()
+            if self.step > last_saved and main:
+                path = self.save(collective=not self.runtime.distributed)
                 bar.write(f"interrupted: saved {path}; continue with --resume")
             raise
         finally:
             bar.close()
         final = self._evaluate_and_keep_best(metrics_log)
         self.save()
-        metrics_log.write("event", self.step, {"event": "done", "best_step": self.best["step"],
-                                               f"best/{self.main_key}": self.best["value"]})
-        metrics_log.close()
+        if main:
+            metrics_log.write("event", self.step, {"event": "done", "best_step": self.best["step"],
+                                                   f"best/{self.main_key}": self.best["value"]})
+            metrics_log.close()
         return final

@@ -1,0 +1,137 @@
+"""Where a run executes: its process group (torchrun / DDP) and its numeric precision.
+
+Distributed runs use PyTorch's own engine: ``torchrun`` sets RANK / WORLD_SIZE /
+LOCAL_RANK, :func:`init_runtime` joins the process group (NCCL on CUDA, gloo on CPU)
+and the trainer wraps the trained modules in ``DistributedDataParallel``. One process
+without those variables is a world of size 1 and touches no process group.
+
+Precision: ``fp32``; ``bf16`` (autocast, no scaler); ``fp16`` (autocast and a
+``GradScaler``, whose state is checkpointed). Every backward goes through
+:meth:`Runtime.backward`, which applies the gradient-accumulation factor and the loss scale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("lrc_bert")
+
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    precision: str = "fp32"
+    rank: int = 0
+    world_size: int = 1
+    loss_factor: float = 1.0  # 1 / gradient-accumulation steps, set per step by the trainer
+    scaler: Optional[torch.amp.GradScaler] = field(default=None, repr=False)
+
+    def __post_init__(self):
+        if self.precision not in AUTOCAST_DTYPES:
+            raise ValueError(f"precision must be one of {list(AUTOCAST_DTYPES)}, got {self.precision!r}")
+        if self.precision == "fp16" and self.scaler is None:
+            self.scaler = torch.amp.GradScaler(self.device.type)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self):
+        dtype = AUTOCAST_DTYPES[self.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        """The tensor whose backward gives this micro-batch's share of the step's gradient."""
+        loss = loss * self.loss_factor if self.loss_factor != 1.0 else loss
+        return self.scaler.scale(loss) if self.scaler is not None else loss
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scale(loss).backward()
+
+    # ------------------------------------------------------------------ collectives
+
+    def all_gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, ...] per rank -> [world * B, ...] in rank order (no gradient: teacher values)."""
+        if not self.distributed:
+            return x
+        out = x.new_empty((self.world_size * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.detach().contiguous())
+        return out
+
+    def max_int(self, value: int) -> int:
+        if not self.distributed:
+            return value
+        t = torch.tensor([value], device=self._collective_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
+    def mean_dict(self, values: dict) -> dict:
+        """Average float entries over ranks (for logging)."""
+        keys = [k for k, v in values.items() if isinstance(v, float)]
+        if not self.distributed or not keys:
+            return values
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self._collective_device())
+        dist.all_reduce(t)
+        return {**values, **{k: float(v) / self.world_size for k, v in zip(keys, t.tolist())}}
+
+    def gather_objects(self, obj) -> list:
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def _collective_device(self) -> torch.device:
+        return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def init_runtime(device_name: str, precision: str) -> Runtime:
+    """The runtime of this process: joins the torchrun process group when there is one."""
+    from .trainer import resolve_device
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        device = resolve_device(device_name)
+        _check_precision(device, precision)
+        return Runtime(device, precision)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=30))
+    _check_precision(device, precision)
+    log.info("rank %d of %d on %s (%s)", rank, world, device, dist.get_backend())
+    return Runtime(device, precision, rank=rank, world_size=world)
+
+
+def _check_precision(device: torch.device, precision: str) -> None:
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"precision bf16: {torch.cuda.get_device_name(device)} has no bf16 support; use fp16")
+
+
+def shutdown(runtime: Runtime) -> None:
+    if runtime.distributed and dist.is_initialized():
+        dist.destroy_process_group()
