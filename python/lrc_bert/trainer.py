@@ -313,8 +313,8 @@ class Trainer:
                         metrics_log.write("train", self.step, {**parts, "lr": self.scheduler.get_last_lr()[0],
                                                                "grad_norm": grad_norm})
                 for event in getattr(self.method, "pop_events", lambda: [])():
-                    bar.write(f"step {self.step}: {event}")
                     if main:
+                        bar.write(f"step {self.step}: {event}")
                         metrics_log.write("event", self.step, {"event": event})
                 if self.step % self.cfg.eval_steps == 0 and self.step < self.total_steps:
                     self._evaluate_and_keep_best(metrics_log)
