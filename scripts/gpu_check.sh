@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One device-machine call: GPU tests (real Triton, the CUDA extension, the trainer on CUDA),
+# the end-to-end throughput benchmark, and short SNLI runs (teacher fine-tune, LRC-BERT
+# distillation) that time the trainer on real data. Everything lands in $OUT.
+#   bash scripts/gpu_check.sh   (expects .whl/ with the datasets wheels and runs/carry/ with
+#                                minilm_fp16/ and snli.tgz; see docs/results.md)
+set -uo pipefail
+OUT=${OUT:-runs/gpu}; mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+mkdir -p /tmp/data && tar xzf runs/carry/snli.tgz -C /tmp/data
+start=$SECONDS
+OUT=$OUT TEST_TIMEOUT=${TEST_TIMEOUT:-200} bash bench/run_on_gpu.sh tests > "$OUT/gpu-tests-run.log" 2>&1
+tail -4 "$OUT/gpu-tests-run.log"; echo "[tests done at $((SECONDS - start)) s]"
+timeout "${BENCH_TIMEOUT:-200}" python3 bench/bench_distill.py --compile --out "$OUT" > "$OUT/bench_distill.log" 2>&1
+grep -E "samples/s|inference|wrote|Error" "$OUT/bench_distill.log"; echo "[bench done at $((SECONDS - start)) s]"
+common=(--task snli --data-dir /tmp/data/snli --precision bf16 --max-length 0 --limit-eval 2000 --eval-batch-size 256
+        --no-tensorboard --save-steps 100000 --logging-steps 50)
+s=$SECONDS
+timeout 150 python3 -m lrc_bert finetune "${common[@]}" --model runs/carry/minilm_fp16 --output /tmp/teacher \
+  --max-steps 400 --batch-size 32 --eval-steps 100000 > "$OUT/snli-teacher.log" 2>&1
+echo "teacher 400 steps: $((SECONDS - s)) s"; tail -1 "$OUT/snli-teacher.log"
+s=$SECONDS
+timeout 150 python3 -m lrc_bert distill "${common[@]}" --teacher /tmp/teacher/model --output /tmp/student \
+  --max-steps 400 --batch-size 32 --learning-rate 1e-4 --eval-steps 200 > "$OUT/snli-student.log" 2>&1
+echo "student 400 steps: $((SECONDS - s)) s"; tail -1 "$OUT/snli-student.log"
+cp /tmp/student/metrics.jsonl "$OUT/snli-student-metrics.jsonl" 2>/dev/null
+echo "[all done at $((SECONDS - start)) s]"
