@@ -118,7 +118,7 @@ def make_parser() -> argparse.ArgumentParser:
                     help="do not write TensorBoard scalars")
     _add_layer_map(ds)
     ds.add_argument("--compile-student", dest="compile_student", action="store_true", default=None,
-                    help="torch.compile the student's encoder")
+                    help="torch.compile the student's encoder (forward and backward)")
     ds.add_argument("--global-negatives", dest="global_negatives", action="store_true", default=None,
                     help="under torchrun: COS-NCE negatives from the global batch (teacher rows all-gathered)")
 

@@ -26,7 +26,7 @@ class TrainConfig:
     batch_size: int = 16  # the global batch of one optimiser step (all ranks, all micro-batches)
     grad_accum_steps: int = 1  # micro-batches per rank and step; the loss is divided by it
     precision: str = "fp32"  # fp32, bf16 (autocast) or fp16 (autocast + GradScaler)
-    compile_student: bool = False  # torch.compile the student's encoder
+    compile_student: bool = False  # torch.compile the student's encoder (forward and backward)
     eval_batch_size: int = 64
     learning_rate: float = 5e-5  # the paper searches {5e-5, 1e-4, 3e-4}
     weight_decay: float = 0.01

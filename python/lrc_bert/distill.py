@@ -117,12 +117,20 @@ class DistillMethod:
         if cfg.perturb_eps > 0 and self.embeddings is None:
             raise ValueError("gradient perturbation needs a student with an `embeddings` module (BERT-like); "
                              "set --perturb-eps 0 to train without it")
+        # Perturbation adds self._delta to the embedding output through one persistent hook
+        # (no hooks added per step, so a compiled student keeps its graphs).
+        self._delta: Optional[torch.Tensor] = None
+        if self.embeddings is not None:
+            self.embeddings.register_forward_hook(self._add_delta)
+        self.trained = StudentWithProjections(self.student, self.projections)
         if cfg.compile_student:
+            # The encoder only: the Hugging Face model gathers hidden_states through hooks and
+            # context variables that break a whole-model graph (transformers 5).
             encoder = getattr(self.student.base_model, "encoder", None)
             if encoder is None:
-                raise ValueError("compile_student compiles the student's `encoder` module, which this student lacks")
+                raise ValueError("compile_student compiles the student's encoder (base_model.encoder), "
+                                 "which this student lacks")
             encoder.compile()
-        self.trained = StudentWithProjections(self.student, self.projections)
         self.model = self.trained  # what the loss runs through: DDP-wrapped when distributed
         if runtime.distributed:
             from torch.nn.parallel import DistributedDataParallel
@@ -234,6 +242,11 @@ class DistillMethod:
         return total, {k: float(v.detach()) for k, v in parts.items()}
 
     def train_step(self, batch, step):
+        # One autocast region for the whole step: both passes reuse the weights' low-precision casts.
+        with self.runtime.autocast():
+            return self._train_step(batch, step)
+
+    def _train_step(self, batch, step):
         stage = self.stage_at(step)
         if stage != self._stage:
             if self._stage is not None or step > 0:
@@ -248,32 +261,29 @@ class DistillMethod:
             loss, parts = self._loss(self.model, *args)
             self.runtime.backward(loss)
             return {"loss": float(loss.detach()), **parts, "stage": stage + 1}
-        # Pass 1, outside DDP (its gradients stay local, like no_sync): the gradient at the
-        # embedding output e.
-        captured = {}
-        hook = self.embeddings.register_forward_hook(lambda m, i, o: captured.setdefault("e", o))
+        # Pass 1, outside DDP (its gradients stay local, like no_sync): g = dL/de, taken as the
+        # gradient with respect to a zero perturbation added to e.
+        e_shape = (*batch["input_ids"].shape, self.student.config.hidden_size)
+        probe = torch.zeros(e_shape, device=self.device, requires_grad=True)
         try:
+            self._delta = probe
             loss, parts = self._loss(self.trained, *args)
-        finally:
-            hook.remove()
-        e = captured["e"]
-        if self.cfg.perturb_mode == "replace":
-            (g,) = torch.autograd.grad(self.runtime.scale(loss), e)  # scaled: no fp16 underflow; only g's direction is used
-        else:
-            e.retain_grad()
-            self.runtime.backward(loss)
-            g = e.grad
-        g = g.float()
-        norm = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (g.dim() - 1)))
-        delta = (eps * g / norm).to(e.dtype).detach()
-        # Pass 2: the loss at e + delta; its gradient (synchronised by DDP) updates the parameters.
-        hook = self.embeddings.register_forward_hook(lambda m, i, o: o + delta)
-        try:
+            if self.cfg.perturb_mode == "replace":
+                g = self.runtime.grad(loss, probe)  # scaled: no fp16 underflow; only g's direction is used
+            else:
+                self.runtime.backward(loss)
+                g = probe.grad
+            norm = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (g.dim() - 1)))
+            # Pass 2: the loss at e + delta; its gradient (synchronised by DDP) updates the parameters.
+            self._delta = (eps * g / norm).detach()
             loss_adv, parts_adv = self._loss(self.model, *args)
         finally:
-            hook.remove()
+            self._delta = None
         self.runtime.backward(loss_adv)
         return {"loss": float(loss.detach()), **parts, "loss_perturbed": float(loss_adv.detach()), "stage": stage + 1}
+
+    def _add_delta(self, module, inputs, output):
+        return output if self._delta is None else output + self._delta.to(output.dtype)
 
     def predict(self, batch):
         with self.runtime.autocast():

@@ -61,8 +61,20 @@ class Runtime:
         loss = loss * self.loss_factor if self.loss_factor != 1.0 else loss
         return self.scaler.scale(loss) if self.scaler is not None else loss
 
+    def outside_autocast(self):
+        """Backward passes run here: inside a step-wide autocast region (whose weight-cast cache
+        then serves every forward of the step) but not under autocast themselves."""
+        if AUTOCAST_DTYPES[self.precision] is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, enabled=False)
+
     def backward(self, loss: torch.Tensor) -> None:
-        self.scale(loss).backward()
+        with self.outside_autocast():
+            self.scale(loss).backward()
+
+    def grad(self, loss: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        with self.outside_autocast():
+            return torch.autograd.grad(self.scale(loss), x)[0]
 
     # ------------------------------------------------------------------ collectives
 
