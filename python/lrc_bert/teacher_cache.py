@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -168,10 +169,12 @@ class TeacherCache:
         n, features = source.shape
         need = n * features * torch.tensor([], dtype=dtype).element_size()
         if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
-            if need > 0.8 * free:
-                raise MemoryError(f"the memory bank of teacher layer {layer} needs {human_bytes(need)} of GPU memory "
-                                  f"and {human_bytes(free)} is free; use --representation cls or --limit-train")
+            free, where = torch.cuda.mem_get_info(device)[0], "GPU memory"
+        else:
+            free, where = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "memory"
+        if need > 0.8 * free:
+            raise MemoryError(f"the memory bank of teacher layer {layer} needs {human_bytes(need)} of {where} "
+                              f"and {human_bytes(free)} is free; use --representation cls or --limit-train")
         out = torch.empty((n, features), dtype=dtype, device=device)
         for start in range(0, n, chunk_rows):
             out[start:start + chunk_rows] = torch.from_numpy(np.ascontiguousarray(source[start:start + chunk_rows]))
