@@ -177,7 +177,7 @@ class TeacherCache:
                               f"and {human_bytes(free)} is free; use --representation cls or --limit-train")
         out = torch.empty((n, features), dtype=dtype, device=device)
         for start in range(0, n, chunk_rows):
-            out[start:start + chunk_rows] = torch.from_numpy(np.ascontiguousarray(source[start:start + chunk_rows]))
+            out[start:start + chunk_rows] = torch.from_numpy(np.array(source[start:start + chunk_rows]))  # a writable copy
         return out
 
     @property
