@@ -6,7 +6,6 @@ import contextlib
 import logging
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 
 from .checkpoint import atomic_directory
