@@ -26,7 +26,6 @@ batch 1 and throughput at batch 32 (L = 128), beside the paper's claims (7.5x sm
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import tempfile
@@ -40,6 +39,8 @@ import common  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "python"))
+
+from lrc_bert.distill import uniform_layer_map as layer_map  # noqa: E402
 
 PAPER = {"smaller": 7.5, "faster": 9.6}
 SNLI_LABELS = {0: "entailment", 1: "neutral", 2: "contradiction"}
@@ -60,11 +61,6 @@ def bert_configs(size: str):
     student = dict(vocab_size=vocab, hidden_size=sw, num_hidden_layers=sl, num_attention_heads=sh,
                    intermediate_size=sf)
     return teacher, student
-
-
-def layer_map(student_layers: int, teacher_layers: int) -> list[int]:
-    """Uniform mapping: student layer i -> teacher layer ceil(i * N / M) (1-based)."""
-    return [math.ceil(i * teacher_layers / student_layers) for i in range(1, student_layers + 1)]
 
 
 def synthetic_train_set(rows: int, vocab: int, seq: int):

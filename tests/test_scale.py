@@ -34,22 +34,19 @@ def teacher(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def student_config(tmp_path_factory):
+def student_config(teacher, tmp_path_factory):
     """A 2 x 16 student without dropout: runs on different process counts then compute the same function."""
+    from transformers import AutoConfig
+
     path = tmp_path_factory.mktemp("student") / "config.json"
     path.write_text(json.dumps({"hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
                                 "intermediate_size": 32, "hidden_dropout_prob": 0.0,
                                 "attention_probs_dropout_prob": 0.0, "classifier_dropout": 0.0,
-                                "vocab_size": 0}))
+                                "vocab_size": AutoConfig.from_pretrained(teacher).vocab_size}))
     return path
 
 
 def _settings(teacher, output, student_config, **overrides):
-    from transformers import AutoConfig
-
-    config = json.loads(Path(student_config).read_text())
-    config["vocab_size"] = AutoConfig.from_pretrained(teacher).vocab_size
-    Path(student_config).write_text(json.dumps(config))
     return tiny_distill_settings(teacher, output, student_config=str(student_config), **overrides)
 
 
@@ -320,7 +317,7 @@ def test_bank_negatives_are_indexed_draws_over_the_training_set(teacher, cache, 
     n = stored.num_examples
     index = torch.tensor([0, 1, n - 1, 50])
     for _ in range(20):
-        neg, _ = method._negatives(4, index)
+        neg = method._negatives(4, index)
         assert neg.shape == (4, 7) and int(neg.min()) >= 0 and int(neg.max()) < n
         assert not (neg == index[:, None]).any()  # never the sample itself
     # The loss the trainer computes is COS-NCE against exactly those bank rows.

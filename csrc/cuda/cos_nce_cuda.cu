@@ -95,17 +95,27 @@ struct Operands {
 
 // ------------------------------------------------------------------------------ kernels
 
+// The (group, split, row) a block works on; blocks are numbered group-fastest, then split.
+struct BlockTask {
+  int group;
+  int split;
+  int64_t row;
+};
+
+__device__ __forceinline__ BlockTask block_task(int groups, int splits) {
+  int64_t blk = blockIdx.x;
+  const int group = blk % groups;
+  blk /= groups;
+  return {group, static_cast<int>(blk % splits), blk / splits};
+}
+
 // One warp per task (b, split, task), task 0 = |s|^2, task j + 1 = (s . x_j, |x_j|^2).
 // part is [B, splits, J + 1, 2].
 template <typename T, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kThreads) partials_kernel(Operands<T> op, int64_t D, int64_t chunk, int splits,
                                                             int groups, acc_t* __restrict__ part) {
   const int64_t J = op.K + 1;
-  int64_t blk = blockIdx.x;
-  const int g = blk % groups;
-  blk /= groups;
-  const int split = blk % splits;
-  const int64_t b = blk / splits;
+  const auto [g, split, b] = block_task(groups, splits);
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int64_t task = static_cast<int64_t>(g) * kWarpsPerBlock + warp;
   if (task > J) return;
@@ -152,11 +162,7 @@ __global__ void __launch_bounds__(kThreads) weighted_backward_kernel(
     const acc_t* __restrict__ A, const acc_t* __restrict__ G, const acc_t* __restrict__ sigma,
     GradTargets<T, acc_t> out) {
   const int64_t J = op.K + 1;
-  int64_t blk = blockIdx.x;
-  const int g = blk % groups;
-  blk /= groups;
-  const int split = blk % splits;
-  const int64_t b = blk / splits;
+  const auto [g, split, b] = block_task(groups, splits);
   const int64_t j0 = g * per_group, j1 = min(J, j0 + per_group);
   const int64_t d0 = split * chunk, d1 = min(D, d0 + chunk);
   const bool need_s = out.s_direct || out.s_atomic;

@@ -160,7 +160,9 @@ def validate(cfg: TrainConfig, command: str) -> None:
     _number(cfg, "grad_accum_steps", minimum=1, integer=True)
     if cfg.batch_size % cfg.grad_accum_steps:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by grad_accum_steps {cfg.grad_accum_steps}")
-    _choice(cfg, "precision", ("fp32", "bf16", "fp16"))
+    from .runtime import AUTOCAST_DTYPES
+
+    _choice(cfg, "precision", tuple(AUTOCAST_DTYPES))
     _number(cfg, "eval_batch_size", minimum=1, integer=True)
     _number(cfg, "learning_rate", minimum=0, strict=True)
     _number(cfg, "weight_decay", minimum=0)

@@ -36,7 +36,7 @@ from .config import TrainConfig
 from .data import model_inputs
 from .finetune import label_kwargs
 from .losses import LOSSES, LossInputs
-from .runtime import Runtime
+from .runtime import AUTOCAST_DTYPES, Runtime
 from .tasks import TaskSpec, label_alignment
 from .teacher_cache import TeacherCache, representation
 from .trainer import decay_groups
@@ -141,7 +141,7 @@ class DistillMethod:
                 broadcast_buffers=False)
         self.banks = None
         if cfg.negative_source == "bank":
-            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
+            dtype = AUTOCAST_DTYPES[cfg.precision] or torch.float32
             self.banks = {layer: cache.bank(layer, device, dtype) for layer in sorted(set(self.layer_map))}
         self.negative_generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.plan = cfg.stage_plan()
@@ -176,26 +176,26 @@ class DistillMethod:
         scores.fill_diagonal_(-1.0)  # never the row itself
         return scores.topk(k, dim=1).indices
 
-    def _negatives(self, batch_size: int, index: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], int]:
-        """(neg_index, offset): the rows of the negative pool each local row uses, and the
-        position of local row 0 in that pool. None: all other rows of the local batch."""
+    def _negatives(self, batch_size: int, index: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """neg_index: the rows of the negative pool (the bank, the global batch or the local
+        batch) each local row uses. None: all other rows of the local batch."""
         cfg, world, rank = self.cfg, self.runtime.world_size, self.runtime.rank
         if cfg.negative_source == "bank":
             # O(K) per sample: K uniform draws over the N - 1 other examples (with replacement).
             n = self.cache.num_examples
             draws = torch.randint(0, n - 1, (batch_size, cfg.num_negatives), generator=self.negative_generator)
             own = index.cpu()[:, None]
-            return (draws + (draws >= own).long()).to(self.device), 0
+            return (draws + (draws >= own).long()).to(self.device)
         if cfg.global_negatives and world > 1:
             pool, offset = world * batch_size, rank * batch_size
             if cfg.num_negatives is None:
                 others = torch.arange(pool).expand(pool, pool)[~torch.eye(pool, dtype=torch.bool)].view(pool, pool - 1)
             else:  # every rank draws the same global matrix and keeps its own rows
                 others = self._sample_in_batch(pool, min(cfg.num_negatives, pool - 1))
-            return others[offset:offset + batch_size].to(self.device), offset
+            return others[offset:offset + batch_size].to(self.device)
         if cfg.num_negatives is None:
-            return None, 0
-        return self._sample_in_batch(batch_size, min(cfg.num_negatives, batch_size - 1)).to(self.device), 0
+            return None
+        return self._sample_in_batch(batch_size, min(cfg.num_negatives, batch_size - 1)).to(self.device)
 
     # ------------------------------------------------------------------ loss
 
@@ -209,13 +209,14 @@ class DistillMethod:
         return out.logits, [representation(out.hidden_states[t], mask, self.cfg.representation)
                             for t in self.layer_map]
 
-    def _loss(self, model, batch, teacher_logits, teacher_reps, weights, negatives):
+    def _loss(self, model, batch, teacher_logits, teacher_reps, weights, neg_index):
         need_reps = any(w > 0 and LOSSES[name].needs_representations for name, w in weights.items())
         need_logits = any(w > 0 and not LOSSES[name].needs_representations for name, w in weights.items())
         with self.runtime.autocast():
             logits, layers = model(model_inputs(batch), need_logits, need_reps)
         s_reps, t_reps, banks = [], [], []
-        neg_index, _ = negatives
+        gather = self.banks is None and self.cfg.global_negatives and self.runtime.distributed
+        width = None
         if need_reps:
             for h, t_layer, t_rep in zip(layers, self.layer_map, teacher_reps):
                 s = representation(h, batch["attention_mask"], self.cfg.representation)
@@ -225,8 +226,9 @@ class DistillMethod:
                                      f"{t.shape[1]}: check --max-length against the teacher cache")
                 if self.banks is not None:
                     bank = self.banks[t_layer]
-                elif self.cfg.global_negatives and self.runtime.distributed:
-                    width = self.runtime.max_int(s.shape[1])  # dynamic padding: lengths differ across ranks
+                elif gather:
+                    if width is None:  # dynamic padding: lengths differ across ranks (every layer alike)
+                        width = self.runtime.max_int(s.shape[1])
                     s, t = F.pad(s, (0, width - s.shape[1])), F.pad(t, (0, width - t.shape[1]))
                     bank = self.runtime.all_gather_rows(t)
                 else:
@@ -254,8 +256,8 @@ class DistillMethod:
             self._stage = stage
         weights = self.plan[stage]["weights"]
         teacher_logits, teacher_reps = self._teacher(batch)
-        negatives = self._negatives(batch["input_ids"].shape[0], batch.get("index"))
-        args = (batch, teacher_logits, teacher_reps, weights, negatives)
+        neg_index = self._negatives(batch["input_ids"].shape[0], batch.get("index"))
+        args = (batch, teacher_logits, teacher_reps, weights, neg_index)
         eps = self.cfg.perturb_eps
         if eps == 0:
             loss, parts = self._loss(self.model, *args)

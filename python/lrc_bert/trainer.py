@@ -162,7 +162,7 @@ class Trainer:
     def _state(self, rng_per_rank: list) -> dict:
         scaler = self.runtime.scaler
         return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": rng_per_rank[0], "rng_per_rank": rng_per_rank, "best": self.best,
+                "rng_per_rank": rng_per_rank, "best": self.best,
                 "method": self.method.state_dict(), "total_steps": self.total_steps,
                 "scaler": scaler.state_dict() if scaler is not None else None}
 
@@ -200,7 +200,7 @@ class Trainer:
         self.method.load_state_dict(state["method"])
         if self.runtime.scaler is not None and state.get("scaler"):
             self.runtime.scaler.load_state_dict(state["scaler"])
-        per_rank = state.get("rng_per_rank") or [state["rng"]]
+        per_rank = state.get("rng_per_rank") or [state["rng"]]  # "rng": checkpoints from before DDP
         if self.runtime.rank < len(per_rank):
             ckpt.set_rng_state(per_rank[self.runtime.rank])
         else:  # more ranks than when it was saved: a fresh stream per new rank
@@ -247,8 +247,8 @@ class Trainer:
             last = i == len(batches) - 1
             with contextlib.nullcontext() if last else self.method.no_sync():
                 parts = self.method.train_step(to_device(batch, self.device), step)
-            for key, value in parts.items():
-                totals[key] = totals.get(key, 0.0) + value / len(batches)
+            for key, value in parts.items():  # loss parts averaged; the stage is the same for all
+                totals[key] = value if key == "stage" else totals.get(key, 0.0) + value / len(batches)
         if runtime.scaler is not None:
             runtime.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.cfg.max_grad_norm)
@@ -259,8 +259,6 @@ class Trainer:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if "stage" in parts:
-            totals["stage"] = parts["stage"]
         return totals, float(grad_norm)
 
     def evaluate(self) -> dict:
