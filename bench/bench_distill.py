@@ -16,6 +16,9 @@ perturbation, the heaviest step of the method. Rows:
 * fused: the precision given (bf16 by default), COS-NCE through the fused op (``auto``);
 * fused + cache: the same, with the teacher's outputs read from a ``cache-teacher`` cache
   (the teacher never runs);
+* with ``--cuda-graphs`` (the default on a GPU): the reference and both fused rows again
+  with the whole step replayed as a CUDA graph (``lrc_bert/cuda_graph.py``), since at
+  B = 16 the eager step is bound by kernel launches, not by the GPU;
 * with ``--compile``, the cache row again with the student's encoder compiled.
 
 Weights are random, which is fine for timing. Inference: student vs teacher latency at
@@ -88,7 +91,7 @@ class _NoTokenizer:
 
 
 def make_trainer(size: str, teacher, device, precision: str, backend: str, cache_dir, compile_student: bool,
-                 train_set):
+                 train_set, cuda_graphs: bool = False):
     from lrc_bert.config import build_config
     from lrc_bert.distill import DistillMethod
     from lrc_bert.runtime import Runtime
@@ -101,7 +104,8 @@ def make_trainer(size: str, teacher, device, precision: str, backend: str, cache
                        teacher="(in memory)", batch_size=batch, max_length=seq, precision=precision,
                        loss_backend=backend, student_layers=sl, student_hidden=sw, student_heads=sh,
                        student_intermediate=sf, teacher_cache=str(cache_dir) if cache_dir else None,
-                       compile_student=compile_student, stage1_fraction=0.0, max_steps=10**6, tensorboard=False)
+                       compile_student=compile_student, cuda_graphs=cuda_graphs, stage1_fraction=0.0,
+                       max_steps=10**6, tensorboard=False)
     runtime = Runtime(device, precision)
     cache = TeacherCache(cache_dir) if cache_dir else None
     torch.manual_seed(0)
@@ -143,27 +147,32 @@ def run_training_rows(args, size: str, teacher, device) -> list[dict]:
     _, _, vocab, batch, seq = SIZES[size]
     windows, steps, warmup = (1, 2, 1) if size == "smoke" else (args.windows, args.steps, args.warmup)
     train_set = synthetic_train_set(max(256, batch * (warmup + windows * steps + 1)), vocab, seq)
-    configs = [("reference", "fp32", "torch", False, False)]
+    configs = [("reference", "fp32", "torch", False, False, False)]
     for precision in args.precisions.split(","):
-        configs += [(f"fused {precision}", precision, "auto", False, False),
-                    (f"fused {precision} + cache", precision, "auto", True, False)]
+        configs += [(f"fused {precision}", precision, "auto", False, False, False),
+                    (f"fused {precision} + cache", precision, "auto", True, False, False)]
         if args.compile:
-            configs.append((f"fused {precision} + cache + compiled student", precision, "auto", True, True))
+            configs.append((f"fused {precision} + cache + compiled student", precision, "auto", True, True, False))
+    if args.cuda_graphs:
+        configs += [(f"{name} + CUDA graph", *rest[:4], True) for name, *rest in configs
+                    if not rest[3] and rest[0] != "fp16"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         caches = {}
-        for name, precision, backend, cached, compiled in configs:
+        for name, precision, backend, cached, compiled, graphed in configs:
             cache_dir = None
             if cached:
                 if precision not in caches:
                     caches[precision] = write_cache(size, teacher, device, train_set, Path(tmp) / f"cache-{precision}",
                                                     precision)
                 cache_dir = caches[precision]
-            trainer = make_trainer(size, teacher, device, precision, backend, cache_dir, compiled, train_set)
+            trainer = make_trainer(size, teacher, device, precision, backend, cache_dir, compiled, train_set, graphed)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
+            # A graphed run's first steps are eager, then one is captured: all within the warm-up.
             row = {"config": name, "precision": precision, "op_backend": backend, "teacher_cache": cached,
-                   "compiled_student": compiled, **throughput(trainer, device, windows, steps, warmup)}
+                   "compiled_student": compiled, "cuda_graph": graphed,
+                   **throughput(trainer, device, windows, steps, max(warmup, 4) if graphed else warmup)}
             if device.type == "cuda":
                 row["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
             rows.append(row)
@@ -247,11 +256,17 @@ def main(argv=None) -> Path:
     parser.add_argument("--precisions", default=None,
                         help="comma list for the fused rows (default: bf16 on GPU, bf16,fp32 on CPU)")
     parser.add_argument("--compile", action="store_true", help="add a row with the student's encoder compiled")
+    parser.add_argument("--cuda-graphs", dest="cuda_graphs", action=argparse.BooleanOptionalAction, default=None,
+                        help="add the rows again with the step replayed as a CUDA graph (default: on a GPU)")
     parser.add_argument("--windows", type=int, default=5, help="timing windows (the median is reported)")
     parser.add_argument("--steps", type=int, default=10, help="training steps per window")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--out", type=Path, default=common.RESULTS_DIR)
     args = parser.parse_args(argv)
+    if args.cuda_graphs is None:
+        args.cuda_graphs = args.device.startswith("cuda")
+    if args.cuda_graphs and not args.device.startswith("cuda"):
+        parser.error("--cuda-graphs needs --device cuda")
     if args.precisions is None:
         args.precisions = "bf16" if args.device.startswith("cuda") else "bf16,fp32"
     payload = run(args)

@@ -381,3 +381,82 @@ def test_cuda_distill_with_mixed_precision_cache_bank_and_compile(teacher, cache
     losses = [r["loss"] for r in train if r["type"] == "train"]
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
     assert (out / "student" / "model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------ CUDA graphs
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(device="cpu"), "CUDA device"),
+    (dict(device="cuda", precision="fp16"), "fp32 or bf16"),
+    (dict(device="cuda", max_length=None), "max-length"),
+    (dict(device="cuda", compile_student=True), "choose one"),
+])
+def test_cuda_graphs_refuse_what_a_graph_cannot_replay(teacher, tmp_path, overrides, match):
+    from lrc_bert.config import validate
+
+    cfg = build_config(None, **tiny_distill_settings(teacher, tmp_path, cuda_graphs=True))
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    with pytest.raises(ValueError, match=match):
+        validate(cfg, "distill")
+
+
+def test_learning_rates_switch_between_floats_and_device_tensors():
+    from transformers import get_linear_schedule_with_warmup
+
+    from lrc_bert.trainer import set_lr_kind
+
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([w], lr=1e-3)
+    sched = get_linear_schedule_with_warmup(opt, 2, 10)
+    set_lr_kind(opt, True, torch.device("cpu"))
+    lr = opt.param_groups[0]["lr"]
+    assert isinstance(lr, torch.Tensor)
+    sched.step()
+    assert opt.param_groups[0]["lr"] is lr  # filled in place: what a captured optimiser reads
+    assert float(lr) == pytest.approx(1e-3 * 1 / 2)
+    set_lr_kind(opt, False, torch.device("cpu"))
+    assert opt.param_groups[0]["lr"] == pytest.approx(5e-4) and isinstance(opt.param_groups[0]["lr"], float)
+
+
+def _train_records(out: Path) -> list:
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "train"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision,cached", [("fp32", False), ("bf16", False), ("fp32", True)])
+def test_cuda_graph_steps_equal_eager_steps_and_resume_eagerly(teacher, student_config, cache, tmp_path, caplog,
+                                                               precision, cached):
+    """Same run eagerly and as replayed graphs (dropout off): same losses and weights, through a
+    stage change (a second graph) and the memory bank; its checkpoint resumes without graphs."""
+    import logging
+
+    from safetensors.torch import load_file
+
+    extra = dict(teacher_cache=str(cache), negative_source="bank", num_negatives=5) if cached else {}
+    common = dict(device="cuda", precision=precision, loss_backend="auto", max_steps=10, save_steps=5,
+                  keep_checkpoints=5, stage1_fraction=0.5, perturb_eps=1.0, **extra)
+    runs = {}
+    for name, graphs in (("eager", False), ("graphs", True)):
+        with caplog.at_level(logging.INFO, logger="lrc_bert"):
+            caplog.clear()
+            cli.run_training(build_config(None, **_settings(teacher, tmp_path / name, student_config,
+                                                            cuda_graphs=graphs, **common)), "distill")
+            captures = sum("capturing the training step" in r.getMessage() for r in caplog.records)
+        assert captures == (2 if graphs else 0)  # one graph per stage
+        runs[name] = _train_records(tmp_path / name)
+    rtol = 1e-4 if precision == "fp32" else 3e-2
+    for a, b in zip(runs["eager"], runs["graphs"], strict=True):
+        assert a["stage"] == b["stage"] and a["lr"] == pytest.approx(b["lr"], rel=1e-6)
+        for key in ("loss", "cos_nce", "loss_perturbed", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=rtol, abs=1e-6), (a["step"], key)
+    # The graph run's step-5 checkpoint, resumed eagerly, ends where the graph run ended.
+    shutil.copytree(tmp_path / "graphs", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-00000010")
+    cli.run_training(build_config(None, **_settings(teacher, tmp_path / "resumed", student_config, **common)),
+                     "distill", resume=True)
+    final = {name: load_file(str(tmp_path / name / "checkpoints" / "step-00000010" / "student.safetensors"))
+             for name in ("eager", "graphs", "resumed")}
+    for name in ("graphs", "resumed"):
+        assert_close_tensors(final[name], final["eager"], 1e-3 if precision == "fp32" else 5e-2)

@@ -203,7 +203,7 @@ def test_permuted_teacher_labels_are_realigned(tmp_path):
     method, batch = make_method(teacher, tmp_path, perturb_eps=0.0, stage1_fraction=0.0)
     with torch.no_grad():
         t_logits = method.teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits
-    assert method.alignment == [1, 2, 0]
+    assert method.alignment.tolist() == [1, 2, 0]
     aligned = t_logits[:, method.alignment]
     assert torch.equal(aligned[:, 0], t_logits[:, 1])  # dataset "entailment" is the teacher's output 1
 

@@ -49,6 +49,9 @@ COMMON_HELP = {
     "cache_dir": "datasets cache folder",
 }
 
+CUDA_GRAPHS_HELP = ("replay each training step as one CUDA graph (one process, fp32 or bf16, fixed --max-length): "
+                    "removes the per-kernel launch cost that bounds small batches")
+
 DISTILL_HELP = {
     "student_config": "transformers config JSON for the student (default: BERT 4 layers, 312 wide, 12 heads, "
                       "FFN 1200, the teacher's vocabulary)",
@@ -104,6 +107,7 @@ def make_parser() -> argparse.ArgumentParser:
     ft.add_argument("--output", required=True, help="run folder: metrics.jsonl, checkpoints/, model/")
     ft.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUTPUT")
     _add_settings(ft, COMMON_HELP)
+    ft.add_argument("--cuda-graphs", dest="cuda_graphs", action="store_true", default=None, help=CUDA_GRAPHS_HELP)
     ft.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=None,
                     help="do not write TensorBoard scalars")
 
@@ -119,6 +123,8 @@ def make_parser() -> argparse.ArgumentParser:
     _add_layer_map(ds)
     ds.add_argument("--compile-student", dest="compile_student", action="store_true", default=None,
                     help="torch.compile the student's encoder (forward and backward)")
+    ds.add_argument("--cuda-graphs", dest="cuda_graphs", action="store_true", default=None,
+                    help=CUDA_GRAPHS_HELP)
     ds.add_argument("--global-negatives", dest="global_negatives", action="store_true", default=None,
                     help="under torchrun: COS-NCE negatives from the global batch (teacher rows all-gathered)")
 

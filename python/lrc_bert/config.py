@@ -27,6 +27,7 @@ class TrainConfig:
     grad_accum_steps: int = 1  # micro-batches per rank and step; the loss is divided by it
     precision: str = "fp32"  # fp32, bf16 (autocast) or fp16 (autocast + GradScaler)
     compile_student: bool = False  # torch.compile the student's encoder (forward and backward)
+    cuda_graphs: bool = False  # replay the whole training step as a CUDA graph (cuda_graph.py)
     eval_batch_size: int = 64
     learning_rate: float = 5e-5  # the paper searches {5e-5, 1e-4, 3e-4}
     weight_decay: float = 0.01
@@ -164,6 +165,8 @@ def validate(cfg: TrainConfig, command: str) -> None:
 
     _choice(cfg, "precision", tuple(AUTOCAST_DTYPES))
     _number(cfg, "eval_batch_size", minimum=1, integer=True)
+    if cfg.cuda_graphs:
+        _check_cuda_graphs(cfg, command)
     _number(cfg, "learning_rate", minimum=0, strict=True)
     _number(cfg, "weight_decay", minimum=0)
     _number(cfg, "warmup_ratio", minimum=0)
@@ -236,6 +239,26 @@ def validate(cfg: TrainConfig, command: str) -> None:
                 raise ValueError(f"stage {i + 1}: all loss weights are zero ({stage['weights']}); nothing would train")
     splits = ("train", *dev_splits(get_task(cfg.task))) if command != "evaluate" else ()
     check_data_files(get_task(cfg.task), Path(cfg.data_dir) if cfg.data_dir else None, splits)
+
+
+def _check_cuda_graphs(cfg: TrainConfig, command: str) -> None:
+    """What a captured step cannot do, refused before any work (see cuda_graph.py)."""
+    import os
+
+    if command not in ("finetune", "distill"):
+        raise ValueError(f"cuda_graphs applies to training (finetune, distill), not {command}")
+    if cfg.device == "cpu" or cfg.device == "mps":
+        raise ValueError(f"cuda_graphs needs a CUDA device, got device {cfg.device!r}")
+    if cfg.precision == "fp16":
+        raise ValueError("cuda_graphs works with precision fp32 or bf16: fp16's gradient scaler checks for "
+                         "overflow on the host every step")
+    if cfg.max_length is None:
+        raise ValueError("cuda_graphs needs fixed shapes: set --max-length (dynamic padding changes them per batch)")
+    if cfg.compile_student:
+        raise ValueError("cuda_graphs and compile_student: choose one (the graph already removes the launch cost)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("cuda_graphs runs in one process; under torchrun, DDP's gradient all-reduce is "
+                         "not captured: drop --cuda-graphs")
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:

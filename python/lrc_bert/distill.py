@@ -33,13 +33,13 @@ from torch import nn
 
 from .checkpoint import atomic_directory
 from .config import TrainConfig
-from .data import model_inputs
+from .data import MODEL_INPUTS, model_inputs
 from .finetune import label_kwargs
 from .losses import LOSSES, LossInputs
 from .runtime import AUTOCAST_DTYPES, Runtime
 from .tasks import TaskSpec, label_alignment
 from .teacher_cache import TeacherCache, representation
-from .trainer import decay_groups
+from .trainer import decay_groups, run_step
 
 log = logging.getLogger("lrc_bert")
 
@@ -99,7 +99,10 @@ class DistillMethod:
         self.cfg, self.task, self.tokenizer, self.runtime = cfg, task, tokenizer, runtime
         self.device = device = runtime.device
         teacher_config = getattr(teacher, "config", teacher)
-        self.alignment = label_alignment(task, teacher_config.id2label, cfg.assume_label_order)
+        alignment = label_alignment(task, teacher_config.id2label, cfg.assume_label_order)
+        # Teacher logits into the dataset's label order, by a device index (the step copies nothing from the host).
+        identity = alignment is None or alignment == list(range(len(alignment)))
+        self.alignment = None if identity else torch.tensor(alignment, device=device)
         self.cache = cache
         self.teacher = None if cache is not None else teacher.to(device).eval().requires_grad_(False)
         self.student = build_student(cfg, teacher_config, task).to(device)
@@ -177,32 +180,29 @@ class DistillMethod:
         return scores.topk(k, dim=1).indices
 
     def _negatives(self, batch_size: int, index: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """neg_index: the rows of the negative pool (the bank, the global batch or the local
-        batch) each local row uses. None: all other rows of the local batch."""
+        """neg_index (on the host): the rows of the negative pool (the bank, the global batch or
+        the local batch) each local row uses. None: all other rows of the local batch."""
         cfg, world, rank = self.cfg, self.runtime.world_size, self.runtime.rank
         if cfg.negative_source == "bank":
             # O(K) per sample: K uniform draws over the N - 1 other examples (with replacement).
             n = self.cache.num_examples
             draws = torch.randint(0, n - 1, (batch_size, cfg.num_negatives), generator=self.negative_generator)
-            own = index.cpu()[:, None]
-            return (draws + (draws >= own).long()).to(self.device)
+            return draws + (draws >= index.cpu()[:, None]).long()
         if cfg.global_negatives and world > 1:
             pool, offset = world * batch_size, rank * batch_size
             if cfg.num_negatives is None:
                 others = torch.arange(pool).expand(pool, pool)[~torch.eye(pool, dtype=torch.bool)].view(pool, pool - 1)
             else:  # every rank draws the same global matrix and keeps its own rows
                 others = self._sample_in_batch(pool, min(cfg.num_negatives, pool - 1))
-            return others[offset:offset + batch_size].to(self.device)
+            return others[offset:offset + batch_size]
         if cfg.num_negatives is None:
             return None
-        return self._sample_in_batch(batch_size, min(cfg.num_negatives, batch_size - 1)).to(self.device)
+        return self._sample_in_batch(batch_size, min(cfg.num_negatives, batch_size - 1))
 
     # ------------------------------------------------------------------ loss
 
     def _teacher(self, batch) -> tuple[torch.Tensor, list]:
-        """Teacher logits and mapped-layer representations: from the cache, or a forward pass."""
-        if self.cache is not None:
-            return self.cache.rows(batch["index"], self.layer_map, self.device)
+        """Teacher logits and mapped-layer representations from a forward pass."""
         with torch.no_grad(), self.runtime.autocast():
             out = self.teacher(**model_inputs(batch), output_hidden_states=True)
         mask = batch["attention_mask"]
@@ -235,34 +235,47 @@ class DistillMethod:
                     bank = None
                 s_reps.append(s), t_reps.append(t), banks.append(bank)
         if self.alignment is not None:
-            teacher_logits = teacher_logits[:, self.alignment]  # into the dataset's label order
+            teacher_logits = teacher_logits.index_select(1, self.alignment)
         x = LossInputs(logits, teacher_logits, batch["labels"], s_reps, t_reps, neg_index,
                        self.task.is_regression, self.cfg.temperature, self.cfg.soft_loss_t2, self.cfg.loss_backend,
                        banks)
         parts = {name: LOSSES[name](x) for name, w in weights.items() if w > 0}
         total = sum(weights[name] * value for name, value in parts.items())
-        return total, {k: float(v.detach()) for k, v in parts.items()}
+        return total, {k: v.detach() for k, v in parts.items()}
 
-    def train_step(self, batch, step):
-        # One autocast region for the whole step: both passes reuse the weights' low-precision casts.
-        with self.runtime.autocast():
-            return self._train_step(batch, step)
-
-    def _train_step(self, batch, step):
+    def prepare_step(self, batch, step):
+        """Host side: the stage, the teacher's cached rows and the negative indices."""
         stage = self.stage_at(step)
         if stage != self._stage:
             if self._stage is not None or step > 0:
                 self._events.append(f"stage {stage + 1} begins: weights {self.plan[stage]['weights']}")
             self._stage = stage
-        weights = self.plan[stage]["weights"]
-        teacher_logits, teacher_reps = self._teacher(batch)
-        neg_index = self._negatives(batch["input_ids"].shape[0], batch.get("index"))
-        args = (batch, teacher_logits, teacher_reps, weights, neg_index)
+        inputs = {"batch": {k: batch[k] for k in (*MODEL_INPUTS, "labels") if k in batch},
+                  "neg_index": self._negatives(batch["input_ids"].shape[0], batch.get("index")),
+                  "teacher": None}
+        if self.cache is not None:
+            inputs["teacher"] = self.cache.rows(batch["index"], self.layer_map, torch.device("cpu"))
+        return inputs, {"stage": stage + 1}
+
+    def train_step(self, batch, step):
+        return run_step(self, batch, step)
+
+    def compute_step(self, inputs, info):
+        """Device side: both passes of the perturbed step and their backward (capturable)."""
+        # One autocast region for the whole step: both passes reuse the weights' low-precision casts.
+        with self.runtime.autocast():
+            return self._compute_step(inputs, self.plan[info["stage"] - 1]["weights"])
+
+    def _compute_step(self, inputs, weights):
+        batch = inputs["batch"]
+        cached = inputs["teacher"]
+        teacher_logits, teacher_reps = cached if cached is not None else self._teacher(batch)
+        args = (batch, teacher_logits, teacher_reps, weights, inputs["neg_index"])
         eps = self.cfg.perturb_eps
         if eps == 0:
             loss, parts = self._loss(self.model, *args)
             self.runtime.backward(loss)
-            return {"loss": float(loss.detach()), **parts, "stage": stage + 1}
+            return {"loss": loss.detach(), **parts}
         # Pass 1, outside DDP (its gradients stay local, like no_sync): g = dL/de, taken as the
         # gradient with respect to a zero perturbation added to e.
         e_shape = (*batch["input_ids"].shape, self.student.config.hidden_size)
@@ -282,7 +295,7 @@ class DistillMethod:
         finally:
             self._delta = None
         self.runtime.backward(loss_adv)
-        return {"loss": float(loss.detach()), **parts, "loss_perturbed": float(loss_adv.detach()), "stage": stage + 1}
+        return {"loss": loss.detach(), **parts, "loss_perturbed": loss_adv.detach()}
 
     def _add_delta(self, module, inputs, output):
         return output if self._delta is None else output + self._delta.to(output.dtype)

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 from .checkpoint import atomic_directory
 from .config import TrainConfig
-from .data import model_inputs
+from .data import MODEL_INPUTS, model_inputs
 from .runtime import Runtime
 from .tasks import TaskSpec
-from .trainer import decay_groups
+from .trainer import decay_groups, run_step
 
 log = logging.getLogger("lrc_bert")
 
@@ -49,7 +49,13 @@ class FinetuneMethod:
     def no_sync(self):
         return self.wrapped.no_sync() if self.wrapped is not self.model else contextlib.nullcontext()
 
+    def prepare_step(self, batch, step):
+        return {k: batch[k] for k in (*MODEL_INPUTS, "labels") if k in batch}, {}
+
     def train_step(self, batch, step):
+        return run_step(self, batch, step)
+
+    def compute_step(self, batch, info):
         with self.runtime.autocast():
             logits = self.wrapped(**model_inputs(batch)).logits.float()
         if self.task.is_regression:
@@ -57,7 +63,7 @@ class FinetuneMethod:
         else:
             loss = F.cross_entropy(logits, batch["labels"])
         self.runtime.backward(loss)
-        return {"loss": loss.item()}
+        return {"loss": loss.detach()}
 
     def predict(self, batch):
         with self.runtime.autocast():

@@ -41,12 +41,21 @@ log = logging.getLogger("lrc_bert")
 
 
 class Method(Protocol):
+    """A training method. A step is split in two so that the device part can be captured
+    as a CUDA graph (``cuda_graph.py``): ``prepare_step`` does the host work (data, stage,
+    cached rows, sampled indices) and ``compute_step`` only device work (forward passes and
+    backward; no host syncs, no host-to-device copies)."""
+
     modules: dict  # name -> nn.Module, saved in checkpoints
     total_steps: int
 
     def param_groups(self, weight_decay: float) -> list: ...
 
-    def train_step(self, batch: dict, step: int) -> dict: ...
+    def prepare_step(self, batch: dict, step: int) -> tuple[dict, dict]:
+        """(tensors for compute_step, host values such as the stage: shown and logged; a graph key)."""
+
+    def compute_step(self, inputs: dict, info: dict) -> dict:
+        """Runs the step's forward and backward passes; returns the loss parts as 0-dim tensors."""
 
     def no_sync(self): ...  # context: no DDP gradient synchronisation (all but the last micro-batch)
 
@@ -57,6 +66,14 @@ class Method(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
     def save_best(self, folder: Path) -> None: ...
+
+
+def run_step(method, batch: dict, step: int) -> dict:
+    """One micro-batch step of ``method`` outside the trainer: gradients accumulate in the
+    parameters; returns the loss parts as floats, with the step's host values."""
+    inputs, info = method.prepare_step(batch, step)
+    parts = method.compute_step(to_device(inputs, method.runtime.device), info)
+    return {**{k: float(v) for k, v in parts.items()}, **info}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -124,8 +141,22 @@ def evaluate(predict: Callable, datasets_by_split: dict, collate, task: TaskSpec
     return out
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+def to_device(tree, device: torch.device):
+    """Every tensor in a nest of dicts / lists / tuples, moved to ``device``."""
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda v: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v, tree)
+
+
+def set_lr_kind(optimizer, as_tensor: bool, device: torch.device) -> None:
+    """Learning rates as device tensors (read by a captured AdamW at each replay, filled by the
+    scheduler) or as floats (the eager optimiser); checkpoints may hold either."""
+    for group in optimizer.param_groups:
+        lr = group["lr"]
+        if as_tensor and not isinstance(lr, torch.Tensor):
+            group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=device)
+        elif not as_tensor and isinstance(lr, torch.Tensor):
+            group["lr"] = float(lr)
 
 
 class Trainer:
@@ -148,12 +179,20 @@ class Trainer:
         self.total_steps = cfg.max_steps or math.ceil(cfg.epochs * self.steps_per_epoch)
         method.total_steps = self.total_steps
         params = method.param_groups(cfg.weight_decay)
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
+        graphs = bool(getattr(cfg, "cuda_graphs", False))
+        # capturable: AdamW's step count and learning rate live on the device, so a graph can replay it
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, **({"capturable": True} if graphs else {}))
         self.parameters = [p for group in params for p in group["params"]]  # what gets clipped
         from transformers import get_linear_schedule_with_warmup
 
         self.scheduler = get_linear_schedule_with_warmup(
             self.optimizer, int(cfg.warmup_ratio * self.total_steps), self.total_steps)
+        set_lr_kind(self.optimizer, graphs, self.device)  # after the scheduler: its base rates stay floats
+        self.graphs = None
+        if graphs:
+            from .cuda_graph import StepGraphs
+
+            self.graphs = StepGraphs(self._update, self.device)
         self.step = 0
         self.best = {"value": None, "step": None, "metrics": None}
 
@@ -186,7 +225,7 @@ class Trainer:
         saved = json.loads((path / "config.json").read_text())
         ignore = {"output", "resume", "device", "max_steps", "epochs", "eval_steps", "save_steps", "keep_checkpoints",
                   "logging_steps", "tensorboard", "cache_dir", "data_dir", "loss_backend", "grad_accum_steps",
-                  "compile_student", "teacher_cache"}
+                  "compile_student", "teacher_cache", "cuda_graphs"}
         changed = {k: (saved.get(k), v) for k, v in self.cfg.to_dict().items() if k not in ignore and saved.get(k) != v}
         if changed:
             raise ValueError(f"--resume: these settings differ from the checkpoint's {path}: "
@@ -197,6 +236,8 @@ class Trainer:
                              "the learning-rate schedule would not match")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler.base_lrs = [float(lr) for lr in self.scheduler.base_lrs]
+        set_lr_kind(self.optimizer, self.graphs is not None, self.device)
         self.method.load_state_dict(state["method"])
         if self.runtime.scaler is not None and state.get("scaler"):
             self.runtime.scaler.load_state_dict(state["scaler"])
@@ -238,17 +279,35 @@ class Trainer:
                 yield step, batches
                 step += 1
 
-    def train_step(self, step: int, batches: list) -> tuple[dict, float]:
-        """One optimiser step over this rank's micro-batches; returns (mean loss parts, grad norm)."""
+    def train_step(self, step: int, batches: list) -> tuple[dict, torch.Tensor]:
+        """One optimiser step over this rank's micro-batches.
+
+        Returns (loss parts averaged over the micro-batches, as 0-dim device tensors, with the
+        method's host values such as the stage; the gradient norm): nothing here waits for the
+        device, so the host prepares the next batch while this one runs.
+        """
+        prepared = [self.method.prepare_step(batch, step) for batch in batches]
+        inputs, info = [p[0] for p in prepared], prepared[-1][1]
+        if self.graphs is not None:
+            parts, grad_norm = self.graphs.run(inputs, info)
+        else:
+            parts, grad_norm = self._update(to_device(inputs, self.device), info)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {**parts, **info}, grad_norm
+
+    def _update(self, inputs: list, info: dict) -> tuple[dict, torch.Tensor]:
+        """The device part of a step: every micro-batch's passes, clipping, the optimiser step.
+        Host-sync free (but for fp16's scaler), so that ``cuda_graph`` can capture it."""
         runtime = self.runtime
-        runtime.loss_factor = 1.0 / len(batches)
+        runtime.loss_factor = 1.0 / len(inputs)
         totals: dict = {}
-        for i, batch in enumerate(batches):
-            last = i == len(batches) - 1
+        for i, micro in enumerate(inputs):
+            last = i == len(inputs) - 1
             with contextlib.nullcontext() if last else self.method.no_sync():
-                parts = self.method.train_step(to_device(batch, self.device), step)
-            for key, value in parts.items():  # loss parts averaged; the stage is the same for all
-                totals[key] = value if key == "stage" else totals.get(key, 0.0) + value / len(batches)
+                parts = self.method.compute_step(micro, info)
+            for key, value in parts.items():
+                totals[key] = totals.get(key, 0.0) + value / len(inputs)
         if runtime.scaler is not None:
             runtime.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.cfg.max_grad_norm)
@@ -257,9 +316,7 @@ class Trainer:
             runtime.scaler.update()
         else:
             self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return totals, float(grad_norm)
+        return totals, grad_norm
 
     def evaluate(self) -> dict:
         for module in self.method.modules.values():
@@ -304,12 +361,14 @@ class Trainer:
                 parts, grad_norm = self.train_step(step, batches)
                 self.step = step + 1
                 bar.update(1)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in parts.items() if k != "stage"}, refresh=False)
                 if self.step % self.cfg.logging_steps == 0 or self.step == self.total_steps:
-                    parts = self.runtime.mean_dict(parts)
+                    # The only host sync of a step, and only on logging steps.
+                    parts = self.runtime.mean_dict(
+                        {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in parts.items()})
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in parts.items() if k != "stage"}, refresh=False)
                     if main:
-                        metrics_log.write("train", self.step, {**parts, "lr": self.scheduler.get_last_lr()[0],
-                                                               "grad_norm": grad_norm})
+                        metrics_log.write("train", self.step, {**parts, "lr": float(self.scheduler.get_last_lr()[0]),
+                                                               "grad_norm": float(grad_norm)})
                 for event in getattr(self.method, "pop_events", lambda: [])():
                     if main:
                         bar.write(f"step {self.step}: {event}")
