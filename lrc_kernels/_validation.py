@@ -180,8 +180,10 @@ def prepare_problem(
         if bank_rows == 0:
             raise ValueError(f"the negative bank ({bank_name}) is empty")
         # One host sync: an out-of-range row would read foreign memory. Inside torch.compile
-        # graphs the kernels check instead (no data-dependent Python there).
-        lo, hi = (0, 0) if torch.compiler.is_compiling() else (int(v) for v in torch.aminmax(neg_index))
+        # graphs the op checks instead; under CUDA-graph capture the values are only those of
+        # the capture, so the caller checks what it copies in before each replay.
+        unknown = torch.compiler.is_compiling() or (neg_index.is_cuda and torch.cuda.is_current_stream_capturing())
+        lo, hi = (0, 0) if unknown else (int(v) for v in torch.aminmax(neg_index))
         if lo < 0 or hi >= bank_rows:
             raise IndexError(
                 f"neg_index values must lie in [0, {bank_rows}) (rows of {bank_name}), "

@@ -40,8 +40,8 @@ def row_losses(problem: ContrastiveProblem) -> torch.Tensor:
         pos = (s * t).sum(dim=1)
         if problem.mode == IN_BATCH:
             cos = s @ t.T  # cos[b, j] = cos(s_b, t_j); the negatives of b are j != b
-            off_diagonal = ~torch.eye(problem.batch, dtype=torch.bool, device=problem.device)
-            neg = cos[off_diagonal].view(problem.batch, problem.batch - 1)
+            b = problem.batch  # drop the diagonal by reshaping (a boolean mask would sync with the host)
+            neg = cos.flatten()[1:].view(b - 1, b + 1)[:, :-1].reshape(b, b - 1)
         else:
             if problem.mode == EXPLICIT:
                 n = problem.negatives
