@@ -11,7 +11,8 @@ What is captured is the trainer's ``_update``: for every micro-batch the method'
 AdamW step (``capturable``: its step count and learning rate are device tensors; the
 scheduler fills the rate between replays). The host part stays outside: data, the stage,
 teacher-cache rows and negative indices come from ``prepare_step`` and are copied into
-the graph's static input tensors before each replay.
+the graph's static input tensors before each replay. Index values are not checked inside a
+graph (``lrc_kernels`` skips its range check under capture): the method draws them in range.
 
 One graph per key (the method's host values, e.g. the stage, and the input shapes and
 dtypes): the first ``warmup_steps`` steps of a key run eagerly on a side stream (they are
@@ -63,6 +64,9 @@ class StepGraphs:
         graph, static_leaves, (parts, grad_norm) = entry
         for static, value in zip(static_leaves, leaves):
             if isinstance(static, torch.Tensor):
+                # From pinned memory the copy is asynchronous: the host goes on to the next batch.
+                if value.device.type == "cpu" and not value.is_pinned():
+                    value = value.pin_memory()
                 static.copy_(value, non_blocking=True)
         graph.replay()
         # The static outputs are overwritten by the next replay: hand out copies.
