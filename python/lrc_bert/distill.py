@@ -254,7 +254,8 @@ class DistillMethod:
                   "neg_index": self._negatives(batch["input_ids"].shape[0], batch.get("index")),
                   "teacher": None}
         if self.cache is not None:
-            inputs["teacher"] = self.cache.rows(batch["index"], self.layer_map, torch.device("cpu"))
+            inputs["teacher"] = self.cache.rows(batch["index"], self.layer_map, torch.device("cpu"),
+                                                pin=self.device.type == "cuda")
         return inputs, {"stage": stage + 1}
 
     def train_step(self, batch, step):

@@ -153,15 +153,23 @@ class TeacherCache:
                              f"needs {missing} too: write it with the same --layer-map / --student-layers")
 
     def rows(self, index: torch.Tensor, teacher_layers: list[int], device: torch.device,
-             dtype: Optional[torch.dtype] = None):
-        """(logits [B, C], [reps [B, F] per teacher layer]) for the examples ``index``."""
+             dtype: Optional[torch.dtype] = None, pin: bool = False):
+        """(logits [B, C], [reps [B, F] per teacher layer]) for the examples ``index``.
+
+        ``pin`` (with ``device`` cpu): gathered straight into pinned memory, so that the copy
+        to the GPU that follows is asynchronous.
+        """
         idx = index.cpu().numpy()
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_examples):
+            raise IndexError(f"teacher cache rows must lie in [0, {self.num_examples}), got [{idx.min()}, {idx.max()}]")
 
         def load(array):
-            return torch.from_numpy(np.ascontiguousarray(array)).to(device, dtype=dtype, non_blocking=True)
+            out = torch.empty((len(idx), *array.shape[1:]), dtype=torch.float16, pin_memory=pin)
+            np.take(array, idx, axis=0, out=out.numpy(), mode="clip")  # "clip": unbuffered (idx checked above)
+            return out.to(device, dtype=dtype, non_blocking=True)
 
-        logits = load(self.logits[idx]).float()
-        return logits, [load(self.reps[self.layers.index(layer)][idx]) for layer in teacher_layers]
+        logits = load(self.logits).float()
+        return logits, [load(self.reps[self.layers.index(layer)]) for layer in teacher_layers]
 
     def bank(self, layer: int, device: torch.device, dtype: torch.dtype, chunk_rows: int = 8192) -> torch.Tensor:
         """The whole cached layer as one [N, F] tensor on ``device``, converted chunk by chunk."""
