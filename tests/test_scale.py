@@ -460,3 +460,24 @@ def test_cuda_graph_steps_equal_eager_steps_and_resume_eagerly(teacher, student_
              for name in ("eager", "graphs", "resumed")}
     for name in ("graphs", "resumed"):
         assert_close_tensors(final[name], final["eager"], 1e-3 if precision == "fp32" else 5e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_finetune_equals_eager(teacher, tmp_path):
+    """finetune goes through the same split step: graphed and eager runs log the same losses."""
+    model = tmp_path / "model"
+    shutil.copytree(teacher, model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (model / "config.json").write_text(json.dumps(config))
+    runs = {}
+    for name, graphs in (("eager", False), ("graphs", True)):
+        settings = tiny_distill_settings(teacher, tmp_path / name, device="cuda", precision="bf16", max_steps=6,
+                                         cuda_graphs=graphs)
+        del settings["teacher"]
+        cli.run_training(build_config(None, **settings, model=str(model)), "finetune")
+        runs[name] = _train_records(tmp_path / name)
+    assert len(runs["graphs"]) == 6
+    for a, b in zip(runs["eager"], runs["graphs"], strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=3e-2) and b["grad_norm"] == pytest.approx(a["grad_norm"],
+                                                                                                    rel=5e-2)

@@ -179,7 +179,7 @@ class Trainer:
         self.total_steps = cfg.max_steps or math.ceil(cfg.epochs * self.steps_per_epoch)
         method.total_steps = self.total_steps
         params = method.param_groups(cfg.weight_decay)
-        graphs = bool(getattr(cfg, "cuda_graphs", False))
+        graphs = cfg.cuda_graphs
         # capturable: AdamW's step count and learning rate live on the device, so a graph can replay it
         self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, **({"capturable": True} if graphs else {}))
         self.parameters = [p for group in params for p in group["params"]]  # what gets clipped
