@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -143,19 +144,29 @@ def write_cache(size: str, teacher, device, train_set, folder: Path, precision: 
     return write_teacher_cache(cfg, teacher, train_set, collate, layers, device, precision)
 
 
+class Config(NamedTuple):
+    name: str
+    precision: str
+    backend: str  # the COS-NCE op's backend
+    cached: bool = False  # teacher outputs from a cache-teacher cache
+    compiled: bool = False  # the student's encoder compiled
+    graphed: bool = False  # the step replayed as a CUDA graph
+
+
 def run_training_rows(args, size: str, teacher, device) -> list[dict]:
     _, _, vocab, batch, seq = SIZES[size]
     windows, steps, warmup = (1, 2, 1) if size == "smoke" else (args.windows, args.steps, args.warmup)
     train_set = synthetic_train_set(max(256, batch * (warmup + windows * steps + 1)), vocab, seq)
-    configs = [("reference", "fp32", "torch", False, False, False)]
+    configs = [Config("reference", "fp32", "torch")]
     for precision in args.precisions.split(","):
-        configs += [(f"fused {precision}", precision, "auto", False, False, False),
-                    (f"fused {precision} + cache", precision, "auto", True, False, False)]
+        configs += [Config(f"fused {precision}", precision, "auto"),
+                    Config(f"fused {precision} + cache", precision, "auto", cached=True)]
         if args.compile:
-            configs.append((f"fused {precision} + cache + compiled student", precision, "auto", True, True, False))
-    if args.cuda_graphs:
-        configs += [(f"{name} + CUDA graph", *rest[:4], True) for name, *rest in configs
-                    if not rest[3] and rest[0] != "fp16"]
+            configs.append(Config(f"fused {precision} + cache + compiled student", precision, "auto", cached=True,
+                                  compiled=True))
+    if args.cuda_graphs:  # each eager row again as a graph (not fp16 or a compiled student: refused there)
+        configs += [c._replace(name=f"{c.name} + CUDA graph", graphed=True) for c in configs
+                    if not c.compiled and c.precision != "fp16"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         caches = {}

@@ -50,6 +50,10 @@ def _settings(teacher, output, student_config, **overrides):
     return tiny_distill_settings(teacher, output, student_config=str(student_config), **overrides)
 
 
+def _train_records(out: Path) -> list:
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "train"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -165,8 +169,7 @@ def test_ddp_run_resumes_on_another_world_size_and_matches_one_process(teacher, 
              for name in ("one", "two", "resumed")}
     for name in ("two", "resumed"):
         assert_close_tensors(final[name], final["one"], 1e-3)
-    train = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in train if r["type"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in _train_records(tmp_path / "two")] == [1, 2, 3, 4, 5, 6]
 
 
 def test_gradient_accumulation_scales_the_loss(teacher, student_config, tmp_path):
@@ -210,8 +213,7 @@ def test_mixed_precision_runs_and_checkpoints_the_scaler(teacher, tmp_path, prec
     cfg = build_config(None, **tiny_distill_settings(teacher, out, precision=precision, max_steps=4, save_steps=2,
                                                      perturb_eps=1.0, stage1_fraction=0.5))
     cli.run_training(cfg, "distill")
-    train = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in train if r["type"] == "train"]
+    losses = [r["loss"] for r in _train_records(out)]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
     state = torch.load(out / "checkpoints" / "step-00000004" / "trainer_state.pt", weights_only=True)
     assert (state["scaler"] is not None) == (precision == "fp16")
@@ -377,8 +379,7 @@ def test_cuda_distill_with_mixed_precision_cache_bank_and_compile(teacher, cache
         teacher_cache=str(cache), negative_source="bank", num_negatives=16, max_steps=6, save_steps=3,
         stage1_fraction=0.5, perturb_eps=1.0))
     cli.run_training(cfg, "distill")
-    train = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in train if r["type"] == "train"]
+    losses = [r["loss"] for r in _train_records(out)]
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
     assert (out / "student" / "model.safetensors").is_file()
 
@@ -419,9 +420,6 @@ def test_learning_rates_switch_between_floats_and_device_tensors():
     set_lr_kind(opt, False, torch.device("cpu"))
     assert opt.param_groups[0]["lr"] == pytest.approx(5e-4) and isinstance(opt.param_groups[0]["lr"], float)
 
-
-def _train_records(out: Path) -> list:
-    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "train"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -32,6 +32,8 @@ from typing import Callable
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .trainer import to_device
+
 log = logging.getLogger("lrc_bert")
 
 
@@ -47,33 +49,27 @@ class StepGraphs:
         self.eager_runs: dict = {}  # key -> eager steps done so far
         self.side_stream = torch.cuda.Stream(device)
 
-    @staticmethod
-    def _key(info: dict, leaves: list, spec) -> tuple:
-        shapes = tuple((tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else t for t in leaves)
-        return tuple(sorted(info.items())), str(spec), shapes
-
     def run(self, inputs: list, info: dict) -> tuple[dict, torch.Tensor]:
+        """``inputs``: a nest of tensors (the micro-batches' ``prepare_step`` outputs)."""
         leaves, spec = tree_flatten(inputs)
-        key = self._key(info, leaves, spec)
+        if not all(isinstance(t, torch.Tensor) for t in leaves):
+            raise TypeError("cuda_graphs: prepare_step must return only tensors (and None) as step inputs")
+        key = tuple(sorted(info.items())), spec, tuple((t.shape, t.dtype) for t in leaves)
         entry = self.graphs.get(key)
         if entry is None:
             if self.eager_runs.get(key, 0) < self.warmup_steps:
                 self.eager_runs[key] = self.eager_runs.get(key, 0) + 1
-                return self._eager(tree_unflatten([self._to_device(t) for t in leaves], spec), info)
+                return self._eager(to_device(inputs, self.device), info)
             entry = self.graphs[key] = self._capture(leaves, spec, info)
         graph, static_leaves, (parts, grad_norm) = entry
         for static, value in zip(static_leaves, leaves):
-            if isinstance(static, torch.Tensor):
-                # From pinned memory the copy is asynchronous: the host goes on to the next batch.
-                if value.device.type == "cpu" and not value.is_pinned():
-                    value = value.pin_memory()
-                static.copy_(value, non_blocking=True)
+            # From pinned memory the copy is asynchronous: the host goes on to the next batch.
+            if value.device.type == "cpu" and not value.is_pinned():
+                value = value.pin_memory()
+            static.copy_(value, non_blocking=True)
         graph.replay()
         # The static outputs are overwritten by the next replay: hand out copies.
         return {k: v.clone() for k, v in parts.items()}, grad_norm.clone()
-
-    def _to_device(self, value):
-        return value.to(self.device, non_blocking=True) if isinstance(value, torch.Tensor) else value
 
     def _eager(self, inputs, info):
         # On a side stream, as PyTorch's whole-network capture recipe asks of the warm-up.
@@ -89,7 +85,7 @@ class StepGraphs:
             raise RuntimeError(
                 f"cuda_graphs: more than {self.max_graphs} different step shapes or stages; every new one is "
                 "captured again. Pad every batch to the same --max-length (and keep the batch size fixed)")
-        static_leaves = [self._to_device(t).clone() if isinstance(t, torch.Tensor) else t for t in leaves]
+        static_leaves = [t.clone() for t in to_device(leaves, self.device)]
         log.info("cuda_graphs: capturing the training step for %s", dict(info) or "the run")
         graph = torch.cuda.CUDAGraph()
         try:

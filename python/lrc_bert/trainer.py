@@ -236,7 +236,6 @@ class Trainer:
                              "the learning-rate schedule would not match")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scheduler.base_lrs = [float(lr) for lr in self.scheduler.base_lrs]
         set_lr_kind(self.optimizer, self.graphs is not None, self.device)
         self.method.load_state_dict(state["method"])
         if self.runtime.scaler is not None and state.get("scaler"):
