@@ -52,9 +52,9 @@ class StepGraphs:
     def run(self, inputs: list, info: dict) -> tuple[dict, torch.Tensor]:
         """``inputs``: a nest of tensors (the micro-batches' ``prepare_step`` outputs)."""
         leaves, spec = tree_flatten(inputs)
-        if not all(isinstance(t, torch.Tensor) for t in leaves):
+        if not all(t is None or isinstance(t, torch.Tensor) for t in leaves):  # None is a leaf in some torch versions
             raise TypeError("cuda_graphs: prepare_step must return only tensors (and None) as step inputs")
-        key = tuple(sorted(info.items())), spec, tuple((t.shape, t.dtype) for t in leaves)
+        key = tuple(sorted(info.items())), spec, tuple(t if t is None else (t.shape, t.dtype) for t in leaves)
         entry = self.graphs.get(key)
         if entry is None:
             if self.eager_runs.get(key, 0) < self.warmup_steps:
@@ -63,6 +63,8 @@ class StepGraphs:
             entry = self.graphs[key] = self._capture(leaves, spec, info)
         graph, static_leaves, (parts, grad_norm) = entry
         for static, value in zip(static_leaves, leaves):
+            if value is None:
+                continue
             # From pinned memory the copy is asynchronous: the host goes on to the next batch.
             if value.device.type == "cpu" and not value.is_pinned():
                 value = value.pin_memory()
@@ -85,7 +87,7 @@ class StepGraphs:
             raise RuntimeError(
                 f"cuda_graphs: more than {self.max_graphs} different step shapes or stages; every new one is "
                 "captured again. Pad every batch to the same --max-length (and keep the batch size fixed)")
-        static_leaves = [t.clone() for t in to_device(leaves, self.device)]
+        static_leaves = [t if t is None else t.clone() for t in to_device(leaves, self.device)]
         log.info("cuda_graphs: capturing the training step for %s", dict(info) or "the run")
         graph = torch.cuda.CUDAGraph()
         try:
