@@ -59,9 +59,21 @@ class ContrastiveProblem:
         return self.mode == INDEXED and self.negatives is None
 
 
-def _check_float_tensor(name: str, x) -> None:
+def _check_plain_tensor(name: str, x) -> None:
+    """A dense, strided tensor with data: sparse, nested and meta tensors are refused by name."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_nested:
+        raise TypeError(f"{name} is a nested tensor; pass a dense [B, ...] tensor (pad it, e.g. with "
+                        "torch.nested.to_padded_tensor)")
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} has layout {x.layout}; the loss needs a dense (strided) tensor, e.g. {name}.to_dense()")
+    if x.is_meta:
+        raise ValueError(f"{name} is on the meta device, which holds no data; the loss needs real tensors")
+
+
+def _check_float_tensor(name: str, x) -> None:
+    _check_plain_tensor(name, x)
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
             f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
@@ -76,11 +88,23 @@ def _rows(x: torch.Tensor, leading: int) -> torch.Tensor:
 
 
 def _check_positive_number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.SymInt, torch.SymFloat)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
+    # Comparisons rather than math.isfinite: under torch.compile(dynamic=True) the value may be
+    # symbolic, and comparisons trace (as guards). NaN fails `value > 0`.
+    if not (value > 0 and value != math.inf):
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return float(value)
+    return value if isinstance(value, (torch.SymInt, torch.SymFloat)) else float(value)
+
+
+def _usable_for_backward(x: Optional[torch.Tensor], needed: bool) -> Optional[torch.Tensor]:
+    """Tensors made under ``torch.inference_mode()`` cannot be saved for backward; a student that
+    requires grad beside them (an inference-mode teacher) gets a normal copy of them instead."""
+    if x is None or not needed or torch.compiler.is_compiling():
+        return x
+    if not x.is_inference() or torch.is_inference_mode_enabled():
+        return x
+    return x.clone()
 
 
 def check_options(reduction, eps, temperature) -> tuple[float, float]:
@@ -158,6 +182,7 @@ def prepare_problem(
         mode = INDEXED
         if not isinstance(neg_index, torch.Tensor):
             raise TypeError(f"neg_index must be an integer torch.Tensor, got {type(neg_index).__name__}")
+        _check_plain_tensor("neg_index", neg_index)
         if neg_index.dtype.is_floating_point or neg_index.dtype.is_complex or neg_index.dtype == torch.bool:
             raise TypeError(f"neg_index must be an integer tensor, got {neg_index.dtype}")
         if neg_index.device != student.device:
@@ -190,6 +215,14 @@ def prepare_problem(
                 f"got values in [{lo}, {hi}]"
             )
         index = neg_index.to(torch.int64)
+
+    # Inference-mode inputs beside an input that requires grad are copied once (see above).
+    needs_backward = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (student, teacher, negatives))
+    student, teacher = _usable_for_backward(student, needs_backward), _usable_for_backward(teacher, needs_backward)
+    negatives = _usable_for_backward(negatives, needs_backward)
+    if index is not None:
+        index = _usable_for_backward(index, needs_backward)
 
     if mode == EXPLICIT:
         flat_negatives = _rows(negatives, 2)

@@ -17,8 +17,15 @@ def compute_dtype(*tensors) -> torch.dtype:
 
 
 def unit_rows(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / max(||x||, eps) along the last dim, the per-vector clamp of ``F.cosine_similarity``."""
-    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(eps)
+    """x / max(||x||, eps) along the last dim, the per-vector clamp of ``F.cosine_similarity``.
+
+    Computed on x / max|x| so that a finite row whose squared norm overflows (fp32 at 1e20)
+    still gives its direction: x / max(||x||, eps) = y / max(||y||, eps / a) with y = x / a.
+    The scale a is detached; the function does not depend on it, so neither does its gradient.
+    """
+    scale = x.detach().abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+    y = x / scale
+    return y / torch.maximum(torch.linalg.vector_norm(y, dim=-1, keepdim=True), eps / scale)
 
 
 def loss_from_cosines(loss: str, pos: torch.Tensor, neg: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -8,24 +8,47 @@ from pathlib import Path
 import torch
 
 SNLI_SAMPLE = Path(__file__).resolve().parent / "data" / "snli_sample"
+SNLI_DEMO = Path(__file__).resolve().parents[1] / "data" / "snli_demo"  # 4,000 training pairs, shipped
 SNLI_LABELS = ("entailment", "neutral", "contradiction")
 
 
 def build_tokenizer(folder: Path):
-    """A WordPiece tokenizer whose vocabulary is the words of the SNLI sample."""
-    from transformers import BertTokenizerFast
+    """A WordPiece tokenizer whose vocabulary is the words of the SNLI sample and the demo data.
+
+    Built through ``tokenizers`` and handed over as ``tokenizer_object``: under transformers 5,
+    ``BertTokenizerFast(vocab_file=...)`` ignores the file and maps every word to [UNK], which
+    would leave the trainer tests training on inputs with no content. Checked below.
+    """
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordPiece
+    from transformers import AutoTokenizer, BertTokenizerFast
 
     words = set()
-    for file in SNLI_SAMPLE.glob("*.tsv"):
+    for file in [*SNLI_SAMPLE.glob("*.tsv"), *SNLI_DEMO.glob("*.tsv")]:
         for line in file.read_text().splitlines()[1:]:
             for text in line.split("\t")[1:3]:
                 words.update(re.findall(r"\w+|[^\w\s]", text.lower()))
     folder.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(words)]
+    ids = {token: i for i, token in enumerate(vocab)}
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    backend = Tokenizer(WordPiece(ids, unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])])
+    backend.decoder = decoders.WordPiece()
+    tokenizer = BertTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
+                                  cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]", do_lower_case=True)
     tokenizer.save_pretrained(folder)
-    return tokenizer
+    reloaded = AutoTokenizer.from_pretrained(folder)
+    encoded = reloaded("A man is riding a horse.", "Two dogs play.")["input_ids"]
+    expected = [ids[w] for w in ("[CLS]", "a", "man", "is", "riding", "a", "horse", ".", "[SEP]", "two", "dogs", "play",
+                                 ".", "[SEP]")]
+    assert encoded == expected, f"the test tokenizer lost its vocabulary: {encoded} != {expected}"
+    assert len(reloaded) == len(vocab)
+    return reloaded
 
 
 def build_teacher(folder: Path, id2label=None, seed: int = 0, layers: int = 2, width: int = 32):

@@ -18,20 +18,28 @@ def single_backward(backward):
 
     The loss's incoming gradient is usually a constant, so ``once_differentiable`` would let
     ``create_graph=True`` return gradients with no history: a silent wrong answer for a
-    gradient penalty. Here any attempt to differentiate the returned gradients raises.
+    gradient penalty. Here the returned gradients hang off one error node whose inputs are
+    the gradients *and* every saved tensor that requires grad, so differentiating them with
+    respect to anything the loss used (student, teacher, negatives) raises, instead of
+    reporting that input as unused (``None``).
     """
 
     @functools.wraps(backward)
     def wrapper(ctx, *grad_outputs):
         with torch.no_grad():
             grads = backward(ctx, *grad_outputs)
-        if not torch.is_grad_enabled() or not any(ctx.needs_input_grad):
+        if not torch.is_grad_enabled():
             return grads
         tensors = [g for g in grads if isinstance(g, torch.Tensor)]
         if not tensors:
             return grads
-        err_fn = _functions.DelayedError(DOUBLE_BACKWARD_MESSAGE, len(tensors))
-        guarded = iter(err_fn(*[g.detach().requires_grad_() for g in tensors]))
+        used = [x for x in ctx.saved_tensors if isinstance(x, torch.Tensor) and x.requires_grad]
+        used += [g for g in grad_outputs if isinstance(g, torch.Tensor) and g.requires_grad]
+        err_fn = _functions.DelayedError(DOUBLE_BACKWARD_MESSAGE, len(tensors) + len(used))
+        outputs = err_fn(*[g.detach().requires_grad_() for g in tensors], *used)
+        if isinstance(outputs, torch.Tensor):  # one input: the node returns a bare tensor, not a tuple
+            outputs = (outputs,)
+        guarded = iter(outputs[:len(tensors)])
         return tuple(next(guarded) if isinstance(g, torch.Tensor) else g for g in grads)
 
     return wrapper

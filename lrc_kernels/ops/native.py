@@ -21,6 +21,8 @@ the autograd Functions around them are plain traceable Python, so
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import List, Optional
 
 import torch
@@ -49,22 +51,40 @@ def extension_for(device: torch.device):
 
 
 def build_extension(kind: str, sources: list, tag_extra: bytes, **load_kwargs):
-    """JIT-build (ninja, cached on disk) the extension from ``sources``; the cache key hashes the
-    sources and ``tag_extra`` (what else makes a build unusable elsewhere: CPU flags, GPU arch)."""
+    """JIT-build (ninja, cached on disk) the extension from ``sources``.
+
+    The cache is keyed by content, not by path: the name hashes the sources and ``tag_extra``
+    (what else makes a build unusable elsewhere: CPU flags, GPU arch), and the build reads
+    copies of the sources kept inside its own build folder. Two checkouts of the same code
+    therefore share one build and never rebuild each other's (ninja would rebuild whenever
+    the source paths in its build file changed).
+    """
     import hashlib
     import logging
 
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import _get_build_directory, load
 
     missing = [str(p) for p in sources if not p.exists()]
     if missing:
         raise RuntimeError(f"the {kind} sources {missing} are missing; install lrc_kernels from its source tree")
     digest = hashlib.sha256(tag_extra)
     for path in sources:
-        digest.update(path.read_bytes())
-    logging.getLogger(__name__).info("lrc_kernels: building the %s kernels (first use only; a minute or two)", kind)
-    return load(name=f"lrc_kernels_{kind}_{digest.hexdigest()[:12]}", sources=[str(p) for p in sources],
-                verbose=False, **load_kwargs)
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    name = f"lrc_kernels_{kind}_{digest.hexdigest()[:16]}"
+    build_dir = Path(_get_build_directory(name, verbose=False))
+    copies = []
+    for path in sources:
+        copy = build_dir / "src" / path.name
+        if not copy.is_file() or copy.read_bytes() != path.read_bytes():
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            tmp = copy.with_name(f".{copy.name}.{os.getpid()}")
+            tmp.write_bytes(path.read_bytes())
+            os.replace(tmp, copy)  # atomic: a concurrent build never reads a half-written copy
+        copies.append(str(copy))
+    if not (build_dir / f"{name}.so").is_file():
+        logging.getLogger(__name__).info("lrc_kernels: building the %s kernels in %s (first use only; about a "
+                                         "minute)", kind, build_dir)
+    return load(name=name, sources=copies, build_directory=str(build_dir), verbose=False, **load_kwargs)
 
 
 def _placeholder(dtype=torch.float32):
@@ -279,30 +299,52 @@ def _in_batch_backward(ctx, grad_rows, *unused_grads):
 in_batch_cos_nce.register_autograd(_in_batch_backward, setup_context=_in_batch_setup_context)
 
 
-def _in_batch_info_nce(problem: ContrastiveProblem) -> torch.Tensor:
+def _in_batch_info_nce(problem: ContrastiveProblem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-row loss, |s|, |t|)."""
     dtype = compute_dtype(problem.student, problem.teacher)
     s, t = problem.student.to(dtype), problem.teacher.to(dtype)
-    ns = torch.linalg.vector_norm(s, dim=1).clamp_min(problem.eps)
-    nt = torch.linalg.vector_norm(t, dim=1).clamp_min(problem.eps)
+    norm_s, norm_t = torch.linalg.vector_norm(s, dim=1), torch.linalg.vector_norm(t, dim=1)
+    ns, nt = norm_s.clamp_min(problem.eps), norm_t.clamp_min(problem.eps)
     logits = (s @ t.T) / (ns[:, None] * nt[None, :] * problem.temperature)
-    return torch.logsumexp(logits, dim=1) - logits.diagonal()
+    return torch.logsumexp(logits, dim=1) - logits.diagonal(), norm_s, norm_t
+
+
+def _native_row_losses(problem: ContrastiveProblem) -> tuple[torch.Tensor, tuple]:
+    """(per-row losses, the row norms the kernels computed)."""
+    if problem.mode == IN_BATCH:
+        if problem.loss == "info_nce":
+            rows, norm_s, norm_t = _in_batch_info_nce(problem)
+            return rows, (norm_s, norm_t)
+        rows, _, norm_s, norm_t, _, _ = torch.ops.lrc_kernels.in_batch_cos_nce(problem.student, problem.teacher,
+                                                                              problem.eps)
+        return rows, (norm_s, norm_t)
+    if problem.mode == EXPLICIT:
+        mode, negatives, index = EXPLICIT_NEGATIVES, problem.negatives, None
+    else:
+        mode = TEACHER_BANK if problem.bank_is_teacher else BANK
+        negatives, index = problem.negatives, problem.neg_index.contiguous()
+    check_index = torch.compiler.is_compiling()  # eager calls were range-checked by the validation layer
+    rows, norm_s, norm_x, _ = torch.ops.lrc_kernels.gather_negatives_loss(
+        problem.student, problem.teacher, negatives, index, mode, problem.loss == "info_nce", problem.eps,
+        problem.temperature, check_index,
+    )
+    return rows, (norm_s, norm_x)
 
 
 def row_losses(problem: ContrastiveProblem) -> torch.Tensor:
-    """Per-row losses [B] (fp32, or fp64 for fp64 inputs) computed by the native kernels."""
-    device_type = problem.device.type
-    with torch.autocast(device_type, enabled=False):
-        if problem.mode == IN_BATCH:
-            if problem.loss == "info_nce":
-                return _in_batch_info_nce(problem)
-            return torch.ops.lrc_kernels.in_batch_cos_nce(problem.student, problem.teacher, problem.eps)[0]
-        if problem.mode == EXPLICIT:
-            mode, negatives, index = EXPLICIT_NEGATIVES, problem.negatives, None
-        else:
-            mode = TEACHER_BANK if problem.bank_is_teacher else BANK
-            negatives, index = problem.negatives, problem.neg_index.contiguous()
-        check_index = torch.compiler.is_compiling()  # eager calls were range-checked by the validation layer
-        return torch.ops.lrc_kernels.gather_negatives_loss(
-            problem.student, problem.teacher, negatives, index, mode, problem.loss == "info_nce", problem.eps,
-            problem.temperature, check_index,
-        )[0]
+    """Per-row losses [B] (fp32, or fp64 for fp64 inputs) computed by the native kernels.
+
+    The kernels accumulate squared norms in the accumulation dtype, which overflows for
+    finite rows beyond about 1e19 in fp32. A non-finite norm (such a row, or a non-finite
+    input) sends the call to the reference, which rescales rows first: the right cosine, or
+    NaN for non-finite inputs. On CPU reading that flag costs nothing; on CUDA it would be a
+    host sync per call, so there the kernels' NaN stands (never a silent wrong value).
+    """
+    with torch.autocast(problem.device.type, enabled=False):
+        rows, norms = _native_row_losses(problem)
+        if problem.device.type == "cpu" and not torch.compiler.is_compiling() and not all(
+                bool(torch.isfinite(n).all()) for n in norms):
+            from .. import reference
+
+            return reference.row_losses(problem)
+        return rows
