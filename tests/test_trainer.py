@@ -302,7 +302,7 @@ def test_glue_tsv_layouts(tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "train.tsv").write_text("pairID\tsentence1\tsentence2\tgold_label\n1\ta\tb\tmaybe\n")
-    with pytest.raises(ValueError, match="unknown label"):
+    with pytest.raises(ValueError, match="line 2: unknown snli label .maybe."):
         load_split(get_task("snli"), "train", bad)
 
 

@@ -106,6 +106,9 @@ def make_parser() -> argparse.ArgumentParser:
     ft.add_argument("--model", required=True, help="Hugging Face encoder: a local path or a hub name")
     ft.add_argument("--output", required=True, help="run folder: metrics.jsonl, checkpoints/, model/")
     ft.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUTPUT")
+    _add_overwrite(ft)
+    ft.add_argument("--ignore-mismatched-sizes", dest="ignore_mismatched_sizes", action="store_true", default=None,
+                    help="re-initialise (with a warning) a classification head whose label count is not the task's")
     _add_settings(ft, COMMON_HELP)
     ft.add_argument("--cuda-graphs", dest="cuda_graphs", action="store_true", default=None, help=CUDA_GRAPHS_HELP)
     ft.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=None,
@@ -115,6 +118,9 @@ def make_parser() -> argparse.ArgumentParser:
     ds.add_argument("--teacher", required=True, help="fine-tuned teacher folder (e.g. OUTPUT/model of finetune)")
     ds.add_argument("--output", required=True, help="run folder: metrics.jsonl, checkpoints/, student/")
     ds.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint in OUTPUT")
+    _add_overwrite(ds)
+    ds.add_argument("--ignore-mismatched-sizes", dest="ignore_mismatched_sizes", action="store_true", default=None,
+                    help="re-initialise (with a warning) a --student-init classification head of another label count")
     ds.add_argument("--assume-label-order", dest="assume_label_order", action="store_true", default=None,
                     help="accept a teacher whose labels are the generic LABEL_i, in the task's canonical order")
     _add_settings(ds, {**COMMON_HELP, **DISTILL_HELP})
@@ -148,6 +154,12 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_overwrite(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite-output", dest="overwrite_output", action="store_true", default=None,
+                        help="OUTPUT already holds a run: delete its checkpoints, metrics, TensorBoard logs and "
+                             "export, and start over (without this, such a folder is refused)")
+
+
 def _add_layer_map(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layer-map", dest="layer_map", type=lambda v: [int(x) for x in v.split(",")], default=None,
                         help="teacher layer (1-based) per student layer, comma separated (default: uniform ceil(i N / M))")
@@ -162,9 +174,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def _load_tokenizer(ref: str):
+    """The model's tokenizer, truncating (with dynamic padding too) at the model's position limit."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(ref)
+    from .config import read_model_config
+
+    tokenizer = AutoTokenizer.from_pretrained(ref)
+    limit = getattr(read_model_config(ref), "max_position_embeddings", None)
+    if limit is not None and tokenizer.model_max_length > limit:
+        tokenizer.model_max_length = limit
+    return tokenizer
 
 
 def _datasets(cfg: TrainConfig, task, tokenizer, with_train: bool, with_eval: bool = True):
@@ -191,12 +210,19 @@ def run_training(cfg: TrainConfig, command: str, resume: bool = False, on_step=N
 
     validate(cfg, command)
     task = get_task(cfg.task)
+    output = Path(cfg.output)
+    existing = run_artifacts(output)
+    if existing and not resume and not cfg.overwrite_output:
+        raise ValueError(f"--output {output} already holds a run ({', '.join(p.name for p in existing)}); continue "
+                         "it with --resume, or pass --overwrite-output to delete it and start over")
     runtime = init_runtime(cfg.device, cfg.precision)
     if not runtime.is_main:
         logging.getLogger("lrc_bert").setLevel(logging.WARNING)
     try:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-        output = Path(cfg.output)
+        if existing and not resume and runtime.is_main:
+            clear_run(output, existing)
+        runtime.barrier()
         output.mkdir(parents=True, exist_ok=True)
         tokenizer = _load_tokenizer(cfg.model if command == "finetune" else cfg.teacher)
         train, evals = _datasets(cfg, task, tokenizer, with_train=True)
@@ -233,6 +259,23 @@ def run_training(cfg: TrainConfig, command: str, resume: bool = False, on_step=N
         shutdown(runtime)
 
 
+RUN_ARTIFACTS = ("checkpoints", "metrics.jsonl", "tensorboard", "model", "student", "config.json")
+
+
+def run_artifacts(output: Path) -> list[Path]:
+    """What a training run writes into its folder, as far as ``output`` holds it."""
+    return [output / name for name in RUN_ARTIFACTS if (output / name).exists()]
+
+
+def clear_run(output: Path, artifacts: list[Path]) -> None:
+    """--overwrite-output: delete the earlier run's artifacts (only those: other files stay)."""
+    import shutil
+
+    for path in artifacts:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    log.warning("--overwrite-output: deleted the earlier run in %s (%s)", output, ", ".join(p.name for p in artifacts))
+
+
 def _teacher_or_cache(cfg: TrainConfig, train):
     """(teacher model, None), or (teacher config, checked TeacherCache) with --teacher-cache."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
@@ -254,7 +297,7 @@ def run_cache_teacher(cfg: TrainConfig) -> Path:
     from .distill import uniform_layer_map
     from .tasks import get_task
     from .teacher_cache import write_teacher_cache
-    from .trainer import resolve_device
+    from .runtime import resolve_device
 
     validate(cfg, "cache-teacher")
     task = get_task(cfg.task)
@@ -274,7 +317,8 @@ def run_evaluate(cfg: TrainConfig, split: str) -> dict:
 
     from .data import Collator, model_inputs, tokenize_split
     from .tasks import dev_splits, get_task, label_alignment
-    from .trainer import evaluate, resolve_device
+    from .runtime import resolve_device
+    from .trainer import evaluate
 
     validate(cfg, "evaluate")
     task = get_task(cfg.task)
@@ -295,6 +339,8 @@ def run_evaluate(cfg: TrainConfig, split: str) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from .trainer import TrainingDiverged
+
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -307,6 +353,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             final = run_training(cfg, args.command, resume=getattr(args, "resume", False))
             if final:  # rank 0
                 print(json.dumps({"task": cfg.task, "output": cfg.output, **final}))
+    except TrainingDiverged as exc:
+        print(f"lrc-bert {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except (ValueError, TypeError, FileNotFoundError, OSError, MemoryError) as exc:
         print(f"lrc-bert {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -45,6 +47,8 @@ class TrainConfig:
     limit_eval: Optional[int] = None
     assume_label_order: bool = False
     cache_dir: Optional[str] = None
+    overwrite_output: bool = False  # a new run may delete the run artifacts already in `output`
+    ignore_mismatched_sizes: bool = False  # re-initialise a classification head with another label count
     # --- finetune
     model: Optional[str] = None
     # --- distill
@@ -126,6 +130,8 @@ def _number(cfg, name, *, minimum=None, strict=False, integer=False, optional=Fa
     kinds = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds):
         raise TypeError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
     if minimum is not None and (value <= minimum if strict else value < minimum):
         raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {value}")
 
@@ -181,6 +187,7 @@ def validate(cfg: TrainConfig, command: str) -> None:
         _number(cfg, name, minimum=1, integer=True, optional=True)
     if cfg.device != "auto" and not (cfg.device in ("cpu", "cuda", "mps") or cfg.device.startswith("cuda:")):
         raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps; got {cfg.device!r}")
+    device = _check_device(cfg.device)
     if command == "finetune":
         _check_model_ref("model", cfg.model)
     if command == "evaluate":
@@ -222,6 +229,10 @@ def validate(cfg: TrainConfig, command: str) -> None:
 
         if cfg.loss_backend not in lrc_kernels.backend_names():
             raise ValueError(f"loss_backend must be one of {lrc_kernels.backend_names()}, got {cfg.loss_backend!r}")
+        runnable = lrc_kernels.available_backends(device.type)
+        if cfg.loss_backend != "auto" and cfg.loss_backend not in runnable:
+            raise ValueError(f"loss_backend {cfg.loss_backend!r} cannot run on {device.type} here; "
+                             f"available: {['auto', *runnable]}")
         if cfg.layer_map is not None and (not isinstance(cfg.layer_map, list)
                                           or not all(isinstance(i, int) and i >= 1 for i in cfg.layer_map)):
             raise ValueError(f"layer_map must be a list of teacher layers (1-based ints), got {cfg.layer_map!r}")
@@ -237,8 +248,75 @@ def validate(cfg: TrainConfig, command: str) -> None:
                 raise ValueError(f"stage {i + 1}: loss weights must be >= 0, got {stage['weights']}")
             if stage["fraction"] > 0 and not any(w > 0 for w in stage["weights"].values()):
                 raise ValueError(f"stage {i + 1}: all loss weights are zero ({stage['weights']}); nothing would train")
+        _check_in_batch_negatives(cfg, plan, LOSSES)
     splits = ("train", *dev_splits(get_task(cfg.task))) if command != "evaluate" else ()
     check_data_files(get_task(cfg.task), Path(cfg.data_dir) if cfg.data_dir else None, splits)
+    model_ref = cfg.model if command in ("finetune", "evaluate") else cfg.teacher
+    _check_model_config(cfg, command, model_ref)
+
+
+def _check_device(name: str):
+    """The torch.device a run will use; a device that is not there is a settings error."""
+    from .runtime import resolve_device
+
+    try:
+        return resolve_device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"device: {exc}") from None
+
+
+def _check_in_batch_negatives(cfg: TrainConfig, plan: list, losses: dict) -> None:
+    """In-batch negatives need two rows in every micro-batch a process computes its loss on."""
+    uses_negatives = any(s["fraction"] > 0 and w > 0 and getattr(losses[name], "needs_representations", False)
+                         for s in plan for name, w in s["weights"].items())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if not uses_negatives or cfg.negative_source != "batch" or (cfg.global_negatives and world > 1):
+        return
+    micro = cfg.batch_size // (world * cfg.grad_accum_steps)
+    if micro < 2:
+        raise ValueError(f"each micro-batch holds {micro} example (batch_size {cfg.batch_size} / (world size {world} "
+                         f"x grad_accum_steps {cfg.grad_accum_steps})), but in-batch COS-NCE negatives need at "
+                         "least 2: raise --batch-size, lower --grad-accum-steps, or use --global-negatives under "
+                         "torchrun")
+
+
+def read_model_config(ref: str):
+    """A model's transformers config (config.json only: no weights), or None where it cannot be
+    read without loading (a hub name while offline); the model load then reports the problem."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(ref)
+    except (OSError, ValueError):
+        return None
+
+
+def _check_model_config(cfg: TrainConfig, command: str, ref: Optional[str]) -> None:
+    """What the model's config.json can tell before any weights load: its position limit, and
+    for finetune whether its classification head fits the task."""
+    if ref is None:
+        return
+    config = read_model_config(ref)
+    if config is None:
+        return
+    limit = getattr(config, "max_position_embeddings", None)
+    if cfg.max_length is not None and limit is not None and cfg.max_length > limit:
+        raise ValueError(f"max_length {cfg.max_length} is above the {limit} positions of {ref} "
+                         f"(max_position_embeddings); use --max-length {limit} or less")
+    if command == "finetune":
+        check_head_fits(ref, config, get_task(cfg.task), cfg.ignore_mismatched_sizes)
+
+
+def check_head_fits(ref: str, config, task, ignore_mismatched_sizes: bool) -> bool:
+    """Whether the checkpoint has a sequence-classification head of another size than the task
+    needs. Such a head is refused, naming both label counts and the flag that re-initialises it."""
+    has_head = any(str(a).endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or []))
+    if not has_head or config.num_labels == task.num_labels:
+        return False
+    if not ignore_mismatched_sizes:
+        raise ValueError(f"{ref} has a classification head with {config.num_labels} labels, task {task.name} has "
+                         f"{task.num_labels}; pass --ignore-mismatched-sizes to re-initialise the head")
+    return True
 
 
 def _check_cuda_graphs(cfg: TrainConfig, command: str) -> None:

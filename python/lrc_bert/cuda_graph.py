@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .trainer import to_device
+from .runtime import to_device
 
 log = logging.getLogger("lrc_bert")
 

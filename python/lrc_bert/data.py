@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Optional
 
@@ -26,6 +27,29 @@ def tokenize_split(task: TaskSpec, split: str, tokenizer, cfg: TrainConfig, limi
     ds = ds.map(encode, batched=True, desc=f"{task.name}/{split}: tokenize")
     keep = [c for c in (*MODEL_INPUTS, "label") if c in ds.column_names]
     return ds.remove_columns([c for c in ds.column_names if c not in keep])
+
+
+def data_fingerprint(dataset) -> str:
+    """SHA-256 (16 hex digits) of a tokenised dataset's size, token ids and labels, in order.
+
+    Hashes the Arrow buffers in slices (a second or so for SNLI), so a resume or a teacher
+    cache notices another data file, tokenizer, ``--max-length`` or ``--limit-train``.
+    """
+    import numpy as np
+
+    digest = hashlib.sha256(str(len(dataset)).encode())
+    columns = [c for c in ("input_ids", "label") if c in dataset.column_names]
+    table_view = dataset.with_format("arrow", columns=columns)
+    for start in range(0, len(dataset), 16384):
+        table = table_view[start:start + 16384]
+        for name in columns:
+            for chunk in table.column(name).chunks:
+                if hasattr(chunk, "offsets"):  # a list column: row lengths, then the flat ids
+                    offsets = np.asarray(chunk.offsets, dtype=np.int64)
+                    digest.update((offsets - offsets[0]).tobytes())
+                    chunk = chunk.flatten()
+                digest.update(np.asarray(chunk.to_numpy(zero_copy_only=False)).astype(np.float64).tobytes())
+    return digest.hexdigest()[:16]
 
 
 class Collator:

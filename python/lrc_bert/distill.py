@@ -34,7 +34,7 @@ from torch import nn
 from .checkpoint import atomic_directory
 from .config import TrainConfig
 from .data import MODEL_INPUTS, model_inputs
-from .finetune import label_kwargs
+from .finetune import label_kwargs, load_classifier
 from .losses import LOSSES, LossInputs
 from .runtime import AUTOCAST_DTYPES, Runtime
 from .tasks import TaskSpec, label_alignment
@@ -54,7 +54,7 @@ def build_student(cfg: TrainConfig, teacher_config, task: TaskSpec):
 
     labels = label_kwargs(task)
     if cfg.student_init:
-        return AutoModelForSequenceClassification.from_pretrained(cfg.student_init, **labels)
+        return load_classifier(cfg.student_init, task, cfg.ignore_mismatched_sizes)
     if cfg.student_config:
         import json
 

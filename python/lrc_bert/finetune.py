@@ -27,13 +27,28 @@ def label_kwargs(task: TaskSpec) -> dict:
             "problem_type": "single_label_classification"}
 
 
+def load_classifier(ref: str, task: TaskSpec, ignore_mismatched_sizes: bool = False):
+    """``AutoModelForSequenceClassification`` with the task's labels. A checkpoint whose head has
+    another label count is refused by name, or re-initialised with a warning when allowed."""
+    from transformers import AutoModelForSequenceClassification
+
+    from .config import check_head_fits, read_model_config
+
+    config = read_model_config(ref)
+    reinit = config is not None and check_head_fits(ref, config, task, ignore_mismatched_sizes)
+    if reinit:
+        log.warning("%s: its %d-label classification head is re-initialised for the %d labels of %s "
+                    "(--ignore-mismatched-sizes)", ref, config.num_labels, task.num_labels, task.name)
+    return AutoModelForSequenceClassification.from_pretrained(ref, ignore_mismatched_sizes=reinit, **label_kwargs(task))
+
+
 class FinetuneMethod:
     def __init__(self, cfg: TrainConfig, task: TaskSpec, tokenizer, runtime: Runtime):
         from transformers import AutoModelForSequenceClassification
 
         self.cfg, self.task, self.tokenizer, self.runtime = cfg, task, tokenizer, runtime
         device = runtime.device
-        self.model = AutoModelForSequenceClassification.from_pretrained(cfg.model, **label_kwargs(task)).to(device)
+        self.model = load_classifier(cfg.model, task, cfg.ignore_mismatched_sizes).to(device)
         self.modules = {"model": self.model}
         self.wrapped = self.model
         if runtime.distributed:

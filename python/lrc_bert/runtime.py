@@ -117,10 +117,24 @@ class Runtime:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} was asked for, but torch sees no CUDA device")
+    return device
+
+
+def to_device(tree, device: torch.device):
+    """Every tensor in a nest of dicts / lists / tuples, moved to ``device``."""
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda v: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v, tree)
+
+
 def init_runtime(device_name: str, precision: str) -> Runtime:
     """The runtime of this process: joins the torchrun process group when there is one."""
-    from .trainer import resolve_device
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         device = resolve_device(device_name)

@@ -12,9 +12,12 @@ is cached and mapped like any other dataset.
 from __future__ import annotations
 
 import csv
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
+log = logging.getLogger("lrc_bert")
 
 TASK_NAMES = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli", "snli")
 
@@ -106,6 +109,67 @@ def check_data_files(task: TaskSpec, data_dir: Optional[Path], splits: tuple[str
             raise FileNotFoundError(f"{task.name}: the {split} file {path} is missing (expected the GLUE TSV layout)")
 
 
+class DataError(ValueError):
+    """A data file that cannot be read as the task's TSV layout; names the file and the line."""
+
+
+def scan_tsv(task: TaskSpec, file: Path) -> tuple[list[str], int]:
+    """Check a GLUE-layout TSV line by line before ``datasets`` reads it: UTF-8 (a leading BOM is
+    accepted), the same number of tab-separated fields on every line, at least one row, and
+    known labels. Returns (column names, unlabelled rows) so that dropped rows can be reported.
+    Raises :class:`DataError` naming the file, the line and what is wrong; never drops a row."""
+    names = list(task.tsv_columns) if task.tsv_columns is not None else None
+    label_at = None
+    known = None if task.is_regression else {*task.labels, *(task.tsv_label_values or {})}
+    rows = unlabelled = 0
+    with open(file, "rb") as f:
+        offset = 0
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{file}, line {number}: not UTF-8 (byte 0x{raw[exc.start]:02x} at byte offset "
+                                f"{offset + exc.start} of the file); re-save the file as UTF-8") from None
+            offset += len(raw)
+            if number == 1:
+                line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark: accepted
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            fields = line.split("\t")
+            if names is None:
+                names = fields
+                continue
+            if len(fields) != len(names):
+                raise DataError(f"{file}, line {number}: {len(fields)} tab-separated fields, expected {len(names)} "
+                                f"({', '.join(names)})")
+            rows += 1
+            if label_at is None:
+                if task.tsv_label not in names:
+                    raise DataError(f"{file}: no {task.tsv_label!r} column (the {task.name} label); "
+                                    f"found {names}")
+                label_at = names.index(task.tsv_label)
+            label = fields[label_at].strip()
+            if label in ("", "-"):
+                unlabelled += 1
+            elif known is not None and label not in known:
+                raise DataError(f"{file}, line {number}: unknown {task.name} label {label!r}; expected one of "
+                                f"{sorted(known)}")
+            elif known is None:
+                try:
+                    float(label)
+                except ValueError:
+                    raise DataError(f"{file}, line {number}: the {task.name} score {label!r} is not a number") from None
+    if names is None:
+        raise DataError(f"{file} is empty")
+    if rows == 0:
+        raise DataError(f"{file} has {'a header but ' if task.tsv_columns is None else ''}no rows")
+    missing = [c for c in task.tsv_text if c not in names]
+    if missing:
+        raise DataError(f"{file}: no {missing} column(s) (the {task.name} text); found {names}")
+    return names, unlabelled
+
+
 def dev_splits(task: TaskSpec) -> tuple[str, ...]:
     return tuple(task.dev_files)
 
@@ -155,20 +219,16 @@ def load_split(task: TaskSpec, split: str, data_dir: Optional[Path] = None, cach
     else:
         file = split_files(task, Path(data_dir)).get(split, Path(data_dir) / f"{split}.tsv")
         check_data_files(task, Path(data_dir), (split,))
-        kwargs = dict(delimiter="\t", quoting=csv.QUOTE_NONE, keep_default_na=False)
+        names, unlabelled = scan_tsv(task, file)
+        kwargs = dict(delimiter="\t", quoting=csv.QUOTE_NONE, keep_default_na=False, encoding="utf-8-sig")
         if task.tsv_columns is not None:
-            names = list(task.tsv_columns)
             kwargs.update(header=None, column_names=names)
-        else:
-            with open(file, encoding="utf-8") as f:
-                names = f.readline().rstrip("\r\n").split("\t")
         # Every column as text: pandas would otherwise turn "1" into an int and "NA" into NaN.
         kwargs["features"] = datasets.Features({name: datasets.Value("string") for name in names})
         ds = datasets.load_dataset("csv", data_files={split: str(file)}, split=split, cache_dir=cache_dir, **kwargs)
-        missing = [c for c in (*task.tsv_text, task.tsv_label) if c not in ds.column_names]
-        if missing:
-            raise ValueError(f"{task.name}: {file} lacks the columns {missing}; found {ds.column_names}")
-        if task.labels is not None:
+        if unlabelled:
+            log.info("%s: %d unlabelled rows (label '-' or empty) left out of %s, as in the official splits",
+                     file, unlabelled, split)
             ds = ds.filter(lambda ex: ex[task.tsv_label].strip() not in ("", "-"))
         ds = ds.rename_column(task.tsv_label, "__label__")
         label_fn = _label_from_name(task)

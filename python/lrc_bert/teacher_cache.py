@@ -20,7 +20,6 @@ layer (the memory bank), passed to the fused op in indexed mode.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 from .checkpoint import atomic_directory
+from .data import data_fingerprint
 
 log = logging.getLogger("lrc_bert")
 
@@ -52,15 +52,6 @@ def human_bytes(n: float) -> str:
         if n < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}"
         n /= 1024
-
-
-def data_fingerprint(train_set) -> str:
-    """Hash of the size and of the token ids of up to 256 rows spread over the set."""
-    n = len(train_set)
-    digest = hashlib.sha256(str(n).encode())
-    for i in sorted(set(np.linspace(0, n - 1, num=min(n, 256), dtype=np.int64).tolist())):
-        digest.update(np.asarray(train_set[i]["input_ids"], dtype=np.int64).tobytes())
-    return digest.hexdigest()[:16]
 
 
 def _free_bytes(folder: Path) -> int:

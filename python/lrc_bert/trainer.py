@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Callable, Optional, Protocol
@@ -34,10 +35,17 @@ import torch
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .metrics import compute_metrics
-from .runtime import Runtime
+from .runtime import Runtime, to_device
 from .tasks import TaskSpec
 
 log = logging.getLogger("lrc_bert")
+
+# fp16: the GradScaler skips a step whose gradients overflowed (normal); this many in a row is not.
+MAX_CONSECUTIVE_SKIPPED_STEPS = 25
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss or gradient norm became NaN or Inf; the run stopped, keeping its last good checkpoint."""
 
 
 class Method(Protocol):
@@ -76,15 +84,6 @@ def run_step(method, batch: dict, step: int) -> dict:
     return {**{k: float(v) for k, v in parts.items()}, **info}
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} was asked for, but torch sees no CUDA device")
-    return device
-
-
 def decay_groups(named_params, weight_decay: float) -> list:
     """AdamW groups: no decay on biases and LayerNorm weights (the BERT recipe)."""
     decay, no_decay = [], []
@@ -97,16 +96,31 @@ def decay_groups(named_params, weight_decay: float) -> list:
 class MetricsLog:
     """metrics.jsonl (one JSON object per line, appended) and TensorBoard scalars."""
 
-    def __init__(self, output: Path, tensorboard: bool):
+    def __init__(self, output: Path, tensorboard: bool, resumed_step: Optional[int] = None):
         self.path = output / "metrics.jsonl"
         self.writer = None
+        if resumed_step is not None:
+            self._drop_records_after(resumed_step)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 log.warning("tensorboard is not installed: no TensorBoard scalars (pip install tensorboard)")
             else:
-                self.writer = SummaryWriter(str(output / "tensorboard"))
+                # purge_step: TensorBoard hides what an interrupted run logged after the checkpoint
+                self.writer = SummaryWriter(str(output / "tensorboard"), purge_step=resumed_step)
+
+    def _drop_records_after(self, step: int) -> None:
+        """A resumed run replays the steps after its checkpoint: their old records go, so that
+        metrics.jsonl reads as one uninterrupted run (rewritten atomically)."""
+        if not self.path.is_file():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        if len(kept) != len(lines):
+            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, self.path)
 
     def write(self, kind: str, step: int, values: dict) -> None:
         record = {"type": kind, "step": step, "time": round(time.time(), 3), **values}
@@ -141,13 +155,6 @@ def evaluate(predict: Callable, datasets_by_split: dict, collate, task: TaskSpec
     return out
 
 
-def to_device(tree, device: torch.device):
-    """Every tensor in a nest of dicts / lists / tuples, moved to ``device``."""
-    from torch.utils._pytree import tree_map
-
-    return tree_map(lambda v: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v, tree)
-
-
 def set_lr_kind(optimizer, as_tensor: bool, device: torch.device) -> None:
     """Learning rates as device tensors (read by a captured AdamW at each replay, filled by the
     scheduler) or as floats (the eager optimiser); checkpoints may hold either."""
@@ -157,6 +164,58 @@ def set_lr_kind(optimizer, as_tensor: bool, device: torch.device) -> None:
             group["lr"] = torch.tensor(float(lr), dtype=torch.float32, device=device)
         elif not as_tensor and isinstance(lr, torch.Tensor):
             group["lr"] = float(lr)
+
+
+class FiniteGuard:
+    """Watches every step's loss parts and gradient norm on the device (no host sync per step).
+
+    Records the first step whose loss or applied gradient norm was NaN or Inf, and which loss
+    parts were. With fp16, a non-finite gradient norm means the GradScaler skipped that step
+    (normal); only ``MAX_CONSECUTIVE_SKIPPED_STEPS`` skips in a row count as a failure.
+    """
+
+    def __init__(self, device: torch.device, fp16: bool):
+        self.device, self.fp16 = device, fp16
+        self.names: Optional[list[str]] = None
+        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.bad_parts: Optional[torch.Tensor] = None
+        self.skipped = torch.zeros((), dtype=torch.long, device=device)
+        self.skip_run = torch.zeros((), dtype=torch.long, device=device)
+        self.longest_skip_run = torch.zeros((), dtype=torch.long, device=device)
+
+    def record(self, step: int, parts: dict, grad_norm: torch.Tensor) -> None:
+        tensors = {k: v for k, v in parts.items() if isinstance(v, torch.Tensor)}
+        if self.names is None or list(tensors) != self.names[:-1]:
+            self.names = [*tensors, "grad_norm"]
+            self.bad_parts = torch.zeros(len(self.names), dtype=torch.bool, device=self.device)
+        values = torch.stack([v.detach().float().reshape(()) for v in tensors.values()]
+                             + [grad_norm.detach().float().reshape(())])
+        bad = ~torch.isfinite(values)
+        if self.fp16:  # a skipped step (overflowed gradients) is not a failure by itself
+            skipped = bad[-1].long()
+            self.skipped += skipped
+            self.skip_run = (self.skip_run + 1) * skipped
+            self.longest_skip_run = torch.maximum(self.longest_skip_run, self.skip_run)
+            bad = torch.cat([bad[:-1], torch.zeros(1, dtype=torch.bool, device=self.device)])
+        first = (self.first_bad_step < 0) & bad.any()
+        self.first_bad_step = torch.where(first, torch.full_like(self.first_bad_step, step), self.first_bad_step)
+        self.bad_parts = torch.where(first, bad, self.bad_parts)
+
+    def failure(self, step: int) -> Optional[str]:
+        """None while every step was finite; else what went wrong, for the error message."""
+        if self.names is None:
+            return None
+        first = int(self.first_bad_step)
+        if first >= 0:
+            parts = [n for n, b in zip(self.names, self.bad_parts.tolist()) if b]
+            return f"step {first + 1}: non-finite {', '.join(parts)}"
+        if self.fp16 and int(self.longest_skip_run) >= MAX_CONSECUTIVE_SKIPPED_STEPS:
+            return (f"by step {step}: the fp16 gradients overflowed in {int(self.longest_skip_run)} consecutive steps "
+                    "(each skipped by the gradient scaler); the model has diverged or fp16 cannot hold it (try bf16)")
+        return None
+
+    def skipped_total(self) -> int:
+        return int(self.skipped)
 
 
 class Trainer:
@@ -195,6 +254,10 @@ class Trainer:
             self.graphs = StepGraphs(self._update, self.device)
         self.step = 0
         self.best = {"value": None, "step": None, "metrics": None}
+        from .data import data_fingerprint
+
+        self.data_fingerprint = data_fingerprint(train_set)
+        self.guard = FiniteGuard(self.device, fp16=runtime.scaler is not None)
 
     # ------------------------------------------------------------------ state
 
@@ -203,11 +266,13 @@ class Trainer:
         return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "rng_per_rank": rng_per_rank, "best": self.best,
                 "method": self.method.state_dict(), "total_steps": self.total_steps,
-                "scaler": scaler.state_dict() if scaler is not None else None}
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "data": {"fingerprint": self.data_fingerprint, "num_examples": len(self.train_set)}}
 
     def save(self, collective: bool = True) -> Optional[Path]:
         """Rank 0 writes the checkpoint (with every rank's RNG state); the others wait.
         ``collective=False`` (on Ctrl-C, when other ranks may be gone): rank 0 alone, its own RNG."""
+        self.check_finite(collective)  # never checkpoint a diverged model
         rng = self.runtime.gather_objects(ckpt.rng_state()) if collective else [ckpt.rng_state()]
         path = None
         if self.runtime.is_main:
@@ -218,22 +283,48 @@ class Trainer:
         return path
 
     def resume(self) -> bool:
-        path = ckpt.latest_checkpoint(self.checkpoints)
-        if path is None:
+        """Continue from the newest checkpoint that verifies; a damaged one is named and skipped."""
+        found = ckpt.list_checkpoints(self.checkpoints)
+        if not found:
             log.warning("--resume: no checkpoint in %s; starting from scratch", self.checkpoints)
             return False
+        for path in reversed(found):
+            self._check_settings(path)
+            try:
+                state = ckpt.load_checkpoint(path, self.method.modules, self.device)
+            except ckpt.CorruptCheckpointError as exc:
+                older = [p.name for p in found if p < path]
+                if not older:
+                    raise ckpt.CorruptCheckpointError(
+                        f"--resume: {exc}, and no older checkpoint is left in {self.checkpoints}. Start over with "
+                        "--overwrite-output (this deletes the run), or restore the file from a backup") from None
+                log.warning("--resume: %s; falling back to the previous checkpoint %s", exc, older[-1])
+                continue
+            self._load_state(path, state)
+            return True
+        raise AssertionError("unreachable")
+
+    def _check_settings(self, path: Path) -> None:
         saved = json.loads((path / "config.json").read_text())
         ignore = {"output", "resume", "device", "max_steps", "epochs", "eval_steps", "save_steps", "keep_checkpoints",
                   "logging_steps", "tensorboard", "cache_dir", "data_dir", "loss_backend", "grad_accum_steps",
-                  "compile_student", "teacher_cache", "cuda_graphs"}
+                  "compile_student", "teacher_cache", "cuda_graphs", "overwrite_output"}
         changed = {k: (saved.get(k), v) for k, v in self.cfg.to_dict().items() if k not in ignore and saved.get(k) != v}
         if changed:
             raise ValueError(f"--resume: these settings differ from the checkpoint's {path}: "
                              + ", ".join(f"{k} (was {a!r}, now {b!r})" for k, (a, b) in changed.items()))
-        state = ckpt.load_checkpoint(path, self.method.modules, self.device)
+
+    def _load_state(self, path: Path, state: dict) -> None:
         if state["total_steps"] != self.total_steps:
             raise ValueError(f"--resume: the run length changed ({state['total_steps']} -> {self.total_steps} steps); "
                              "the learning-rate schedule would not match")
+        data = state.get("data")
+        if data is not None and data["fingerprint"] != self.data_fingerprint:
+            raise ValueError(
+                f"--resume: the training data differ from the checkpointed run's ({path}): it trained on "
+                f"{data['num_examples']} examples with token-id fingerprint {data['fingerprint']}, this run has "
+                f"{len(self.train_set)} with {self.data_fingerprint} (another data file, tokenizer, --max-length "
+                "or --limit-train?)")
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_lr_kind(self.optimizer, self.graphs is not None, self.device)
@@ -248,7 +339,20 @@ class Trainer:
             torch.manual_seed(self.cfg.seed + 7919 * self.runtime.rank + self.step)
         self.step, self.best = state["step"], state["best"]
         log.info("resumed from %s (step %d of %d)", path, self.step, self.total_steps)
-        return True
+
+    def check_finite(self, collective: bool = True) -> None:
+        """Raise :class:`TrainingDiverged` if any step so far had a non-finite loss or gradient norm
+        (one host sync; called at logging, evaluation and checkpoint steps, and at the end)."""
+        failure = self.guard.failure(self.step)
+        bad = failure is not None
+        if collective and self.runtime.distributed:
+            bad = bool(self.runtime.max_int(int(bad)))
+            failure = failure or "another process's loss became non-finite"
+        if bad:
+            good = ckpt.latest_checkpoint(self.checkpoints)
+            kept = (f"the last good checkpoint is {good} (continue from it with --resume, after lowering "
+                    "--learning-rate or changing what diverged)") if good else "no checkpoint had been written yet"
+            raise TrainingDiverged(f"{failure}; training stopped and nothing non-finite was saved or exported; {kept}")
 
     # ------------------------------------------------------------------ loop
 
@@ -291,6 +395,7 @@ class Trainer:
             parts, grad_norm = self.graphs.run(inputs, info)
         else:
             parts, grad_norm = self._update(to_device(inputs, self.device), info)
+        self.guard.record(step, parts, grad_norm)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {**parts, **info}, grad_norm
@@ -330,6 +435,7 @@ class Trainer:
     def _evaluate_and_keep_best(self, metrics_log: Optional[MetricsLog]) -> dict:
         """Rank 0 evaluates and keeps the best model; the others wait (and get {})."""
         metrics = {}
+        self.check_finite()  # a diverged model is never evaluated into best/
         if self.runtime.is_main:
             metrics = self.evaluate()
             metrics_log.write("eval", self.step, metrics)
@@ -347,49 +453,59 @@ class Trainer:
 
         main = self.runtime.is_main
         self.output.mkdir(parents=True, exist_ok=True)
-        if resume:
-            self.resume()
-        metrics_log = MetricsLog(self.output, self.cfg.tensorboard) if main else None
+        if main:
+            for stale in ckpt.remove_stale(self.checkpoints):
+                log.info("removed %s, left by an interrupted write", stale)
+        self.runtime.barrier()
+        resumed = self.resume() if resume else False
+        metrics_log = MetricsLog(self.output, self.cfg.tensorboard, self.step if resumed else None) if main else None
         for module in self.method.modules.values():
             module.train()
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{self.cfg.task}", dynamic_ncols=True,
                    disable=not main)
         last_saved = self.step
         try:
-            for step, batches in self._batches(self.step):
-                parts, grad_norm = self.train_step(step, batches)
-                self.step = step + 1
-                bar.update(1)
-                if self.step % self.cfg.logging_steps == 0 or self.step == self.total_steps:
-                    # The only host sync of a step, and only on logging steps.
-                    parts = self.runtime.mean_dict(
-                        {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in parts.items()})
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in parts.items() if k != "stage"}, refresh=False)
-                    if main:
-                        metrics_log.write("train", self.step, {**parts, "lr": float(self.scheduler.get_last_lr()[0]),
-                                                               "grad_norm": float(grad_norm)})
-                for event in getattr(self.method, "pop_events", lambda: [])():
-                    if main:
-                        bar.write(f"step {self.step}: {event}")
-                        metrics_log.write("event", self.step, {"event": event})
-                if self.step % self.cfg.eval_steps == 0 and self.step < self.total_steps:
-                    self._evaluate_and_keep_best(metrics_log)
-                if self.step % self.cfg.save_steps == 0 and self.step < self.total_steps:
-                    self.save()
-                    last_saved = self.step
-                if on_step is not None:
-                    on_step(self.step)
+            with contextlib.closing(bar):
+                for step, batches in self._batches(self.step):
+                    parts, grad_norm = self.train_step(step, batches)
+                    self.step = step + 1
+                    bar.update(1)
+                    if self.step % self.cfg.logging_steps == 0 or self.step == self.total_steps:
+                        # The only host sync of a step, and only on logging steps.
+                        self.check_finite()
+                        parts = self.runtime.mean_dict(
+                            {k: float(v) if isinstance(v, torch.Tensor) else v for k, v in parts.items()})
+                        bar.set_postfix({k: f"{v:.4g}" for k, v in parts.items() if k != "stage"}, refresh=False)
+                        if main:
+                            extra = {"skipped_steps": self.guard.skipped_total()} if self.guard.fp16 else {}
+                            metrics_log.write("train", self.step, {**parts, "lr": float(self.scheduler.get_last_lr()[0]),
+                                                                   "grad_norm": float(grad_norm), **extra})
+                    for event in getattr(self.method, "pop_events", lambda: [])():
+                        if main:
+                            bar.write(f"step {self.step}: {event}")
+                            metrics_log.write("event", self.step, {"event": event})
+                    if self.step % self.cfg.eval_steps == 0 and self.step < self.total_steps:
+                        self._evaluate_and_keep_best(metrics_log)
+                    if self.step % self.cfg.save_steps == 0 and self.step < self.total_steps:
+                        self.save()
+                        last_saved = self.step
+                    if on_step is not None:
+                        on_step(self.step)
+            final = self._evaluate_and_keep_best(metrics_log)
+            self.save()
+            if main:
+                metrics_log.write("event", self.step, {"event": "done", "best_step": self.best["step"],
+                                                       f"best/{self.main_key}": self.best["value"]})
         except KeyboardInterrupt:
-            if self.step > last_saved and main:
+            if self.step > last_saved and main and self.guard.failure(self.step) is None:
                 path = self.save(collective=not self.runtime.distributed)
-                bar.write(f"interrupted: saved {path}; continue with --resume")
+                log.warning("interrupted: saved %s; continue with --resume", path)
+            raise
+        except TrainingDiverged as exc:
+            if main:
+                metrics_log.write("event", self.step, {"event": "diverged", "error": str(exc)})
             raise
         finally:
-            bar.close()
-        final = self._evaluate_and_keep_best(metrics_log)
-        self.save()
-        if main:
-            metrics_log.write("event", self.step, {"event": "done", "best_step": self.best["step"],
-                                                   f"best/{self.main_key}": self.best["value"]})
-            metrics_log.close()
+            if main:
+                metrics_log.close()
         return final
