@@ -67,8 +67,9 @@ def main(argv=None) -> int:
     out = Path(args.output)
     teacher_ref = args.teacher_model or default_teacher_model()
     length = 64  # SNLI pairs are short: 64 tokens cover them, and keep the demo inside its budget
+    # The demo owns its folder: a second `make demo` starts over rather than being refused.
     common = dict(task="snli", data_dir=args.data_dir, max_length=length, eval_batch_size=128, logging_steps=10,
-                  eval_steps=100, save_steps=100)
+                  eval_steps=100, save_steps=100, overwrite_output=True)
     steps = {"teacher": 8 if args.quick else 250, "student": 8 if args.quick else 400}
     started = time.time()
     print(f"[1/4] fine-tuning the teacher {teacher_ref} on {args.data_dir} ({steps['teacher']} steps)", flush=True)
