@@ -8,6 +8,7 @@ negative mode resolved. Backends only ever see a valid problem.
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -18,18 +19,26 @@ LOSS_KINDS = ("cos_nce", "info_nce")
 REDUCTIONS = ("mean", "sum", "none")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# Negative modes.
-IN_BATCH = "in_batch"
-EXPLICIT = "explicit"
-INDEXED = "indexed"
+class NegativeMode(enum.IntEnum):
+    """How each row's negatives are given. The kernel values mirror csrc/common/negative_mode.h."""
+
+    NONE = 0  # kernels only: no negatives (row statistics for the in-batch primitives)
+    EXPLICIT = 1  # negatives [B, K, D]
+    BANK = 2  # neg_index [B, K] selects rows of a bank [N, D]
+    TEACHER_BANK = 3  # neg_index [B, K] selects rows of the teacher itself
+    IN_BATCH = 4  # every other teacher row of the batch (K = B - 1); an algorithm of its own, not a kernel mode
+
+    @property
+    def indexed(self) -> bool:
+        return self in (NegativeMode.BANK, NegativeMode.TEACHER_BANK)
 
 
 @dataclass
 class ContrastiveProblem:
     """A validated loss call, with rows flattened to length ``dim``.
 
-    ``negatives`` is ``[B, K, D]`` in explicit mode, the bank ``[N, D]`` in indexed
-    mode (``None`` when the bank is the teacher itself), and ``None`` in in-batch mode.
+    ``negatives`` is ``[B, K, D]`` in explicit mode, the bank ``[N, D]`` in bank mode,
+    and ``None`` in teacher-bank and in-batch modes.
     """
 
     loss: str
@@ -37,7 +46,7 @@ class ContrastiveProblem:
     teacher: torch.Tensor  # [B, D]
     negatives: Optional[torch.Tensor]
     neg_index: Optional[torch.Tensor]  # [B, K], int64
-    mode: str
+    mode: NegativeMode
     num_negatives: int
     eps: float
     temperature: float
@@ -54,9 +63,6 @@ class ContrastiveProblem:
     def device(self) -> torch.device:
         return self.student.device
 
-    @property
-    def bank_is_teacher(self) -> bool:
-        return self.mode == INDEXED and self.negatives is None
 
 
 def _check_plain_tensor(name: str, x) -> None:
@@ -162,14 +168,14 @@ def prepare_problem(
 
     index = None
     if neg_index is None and negatives is None:
-        mode, num_negatives = IN_BATCH, batch - 1
+        mode, num_negatives = NegativeMode.IN_BATCH, batch - 1
         if batch < 2:
             raise ValueError(
                 "in-batch negatives (negatives=None, neg_index=None) need a batch size B >= 2, "
                 f"got student of shape {tuple(student.shape)}"
             )
     elif neg_index is None:
-        mode = EXPLICIT
+        mode = NegativeMode.EXPLICIT
         if negatives.dim() != student.dim() + 1 or negatives.shape[0] != batch or tuple(negatives.shape[2:]) != features:
             raise ValueError(
                 f"negatives must have shape [B, K, *features] = [{batch}, K, "
@@ -179,7 +185,7 @@ def prepare_problem(
         if num_negatives == 0:
             raise ValueError("negatives must hold K >= 1 negatives per row, got K = 0")
     else:
-        mode = INDEXED
+        mode = NegativeMode.BANK if negatives is not None else NegativeMode.TEACHER_BANK
         if not isinstance(neg_index, torch.Tensor):
             raise TypeError(f"neg_index must be an integer torch.Tensor, got {type(neg_index).__name__}")
         _check_plain_tensor("neg_index", neg_index)
@@ -224,9 +230,9 @@ def prepare_problem(
     if index is not None:
         index = _usable_for_backward(index, needs_backward)
 
-    if mode == EXPLICIT:
+    if mode == NegativeMode.EXPLICIT:
         flat_negatives = _rows(negatives, 2)
-    elif mode == INDEXED and negatives is not None:
+    elif mode == NegativeMode.BANK:
         flat_negatives = _rows(negatives, 1)
     else:
         flat_negatives = None

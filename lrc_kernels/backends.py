@@ -127,8 +127,8 @@ def available_backends(device_type: str = "cpu") -> list[str]:
 
 
 def resolve(name: str, device: torch.device) -> Callable[[ContrastiveProblem], torch.Tensor]:
-    """The ``row_losses`` of the named backend, or of the fastest available one for ``auto``."""
-    check_backend_name(name)
+    """The ``row_losses`` of the named backend, or of the fastest available one for ``auto``.
+    ``name`` was checked by :func:`check_backend_name` (once per call, in ``functional.py``)."""
     compiling = torch.compiler.is_compiling()
     if name == "auto":
         candidates = sorted(

@@ -1,4 +1,27 @@
-"""The public functional API: ``cos_nce_loss`` and ``info_nce_loss``."""
+r"""The public functional API: ``cos_nce_loss`` and ``info_nce_loss``; the math, written once.
+
+Every row b has a student s, a teacher t (its positive, x_0 = t) and negatives x_1..x_K, all
+flattened to length D. With ns = max(|s|, eps), nx_j = max(|x_j|, eps) (the per-vector clamp
+of ``F.cosine_similarity``) and c_j = cos(s, x_j) = s.x_j / (ns nx_j):
+
+    COS-NCE (LRC-BERT, Fu et al. 2021), with g = 1 - cos:
+        L_b = g(t, s) + 1/(2K) sum_k [2 - (g(n_k, s) - g(t, s))]  =  2 - 1.5 c_0 + 0.5 mean_k c_k
+    cosine InfoNCE at temperature tau:
+        L_b = logsumexp_j(c_j / tau) - c_0 / tau
+
+With w_j = dL/dc_j (COS-NCE: w_0 = -1.5, w_k = 0.5 / K; InfoNCE: w_j = (p_j - [j = 0]) / tau,
+p = softmax(c / tau)) and m = 1 where a norm is not clamped (0 where it is):
+
+    dL/ds   = sum_j w_j x_j / (ns nx_j)  -  (sum_j w_j c_j) m_s s / ns^2
+    dL/dx_j = w_j (s / (ns nx_j)  -  c_j m_j x_j / nx_j^2)
+
+In-batch COS-NCE (x_k = the other teacher rows) needs only O(B D) work:
+sum_{j != b} c_bj = s_b / ns_b . (u - t_b / nt_b) with u = sum_j t_j / nt_j.
+
+Negative modes: in-batch (K = B - 1), explicit [B, K, *features], and indexed: ``neg_index``
+[B, K] into a bank [N, *features] or into the teacher rows. Every backend implements these
+formulas; ``reference.py`` states them in plain PyTorch and is the spec the tests compare with.
+"""
 
 from __future__ import annotations
 
@@ -32,13 +55,8 @@ def cos_nce_loss(
     eps: float = 1e-8,
     backend: str = "auto",
 ) -> torch.Tensor:
-    r"""COS-NCE, the contrastive loss of LRC-BERT (Fu et al., AAAI 2021).
-
-    For row b with student s, teacher (positive) t and negatives n_1..n_K, all flattened
-    to length D, and g(x, y) = 1 - cos(x, y) with
-    cos(x, y) = x.y / (max(|x|, eps) max(|y|, eps)):
-
-        L_b = g(t, s) + 1/(2K) * sum_k [2 - (g(n_k, s) - g(t, s))]
+    r"""COS-NCE, the contrastive loss of LRC-BERT (Fu et al., AAAI 2021); the formula is in
+    this module's docstring: L_b = 2 - 1.5 cos(s, t) + 0.5 mean_k cos(s, n_k).
 
     Args:
         student, teacher: ``[B, *features]``, same shape; each row is flattened to D.
@@ -70,9 +88,7 @@ def info_nce_loss(
     eps: float = 1e-8,
     backend: str = "auto",
 ) -> torch.Tensor:
-    r"""Cosine InfoNCE with temperature tau:
-
-        L_b = -log( exp(cos(s, t)/tau) / (exp(cos(s, t)/tau) + sum_k exp(cos(s, n_k)/tau)) )
+    r"""Cosine InfoNCE at temperature tau (formula in this module's docstring).
 
     The arguments, negative modes and return value are those of :func:`cos_nce_loss`;
     ``temperature`` must be > 0.

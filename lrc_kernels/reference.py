@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import EXPLICIT, IN_BATCH, ContrastiveProblem
+from ._validation import ContrastiveProblem, NegativeMode
 
 
 def compute_dtype(*tensors) -> torch.dtype:
@@ -45,15 +45,15 @@ def row_losses(problem: ContrastiveProblem) -> torch.Tensor:
         s = unit_rows(problem.student.to(dtype), problem.eps)
         t = unit_rows(problem.teacher.to(dtype), problem.eps)
         pos = (s * t).sum(dim=1)
-        if problem.mode == IN_BATCH:
+        if problem.mode == NegativeMode.IN_BATCH:
             cos = s @ t.T  # cos[b, j] = cos(s_b, t_j); the negatives of b are j != b
             b = problem.batch  # drop the diagonal by reshaping (a boolean mask would sync with the host)
             neg = cos.flatten()[1:].view(b - 1, b + 1)[:, :-1].reshape(b, b - 1)
         else:
-            if problem.mode == EXPLICIT:
+            if problem.mode == NegativeMode.EXPLICIT:
                 n = problem.negatives
             else:
-                bank = problem.teacher if problem.bank_is_teacher else problem.negatives
+                bank = problem.teacher if problem.mode == NegativeMode.TEACHER_BANK else problem.negatives
                 n = bank[problem.neg_index]
             neg = torch.einsum("bd,bkd->bk", s, unit_rows(n.to(dtype), problem.eps))
         return loss_from_cosines(problem.loss, pos, neg, problem.temperature)

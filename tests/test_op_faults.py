@@ -164,24 +164,26 @@ def test_sparse_neg_index_is_refused_by_name():
 # ------------------------------------------------------------------ JIT cache
 
 
-def test_jit_cache_is_keyed_by_content_not_path(tmp_path, caplog):
+def test_jit_cache_is_keyed_by_content_not_path(tmp_path, caplog, monkeypatch):
     if "cpp" not in lk.available_backends("cpu"):
         pytest.skip("no C++ toolchain")
-    from lrc_kernels.ops import cos_nce_cpp, native
+    from lrc_kernels.ops import _build
 
-    first = native.build_extension("cpu", [cos_nce_cpp.SOURCE], cos_nce_cpp._cpu_flags(),
-                                   extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+    def build():
+        return _build.build_extension("cpu", _build.CPU_SOURCES, _build.cpu_flags(),
+                                      extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+
+    first = build()
     library = Path(first.__file__)
     built_at = library.stat().st_mtime_ns
-    # The same source in another checkout: the same build, not rebuilt, no "building" message.
-    other_checkout = tmp_path / "checkout" / "csrc" / "cpu"
-    other_checkout.mkdir(parents=True)
-    copy = other_checkout / cos_nce_cpp.SOURCE.name
-    shutil.copy2(cos_nce_cpp.SOURCE, copy)
+    # The same sources in another checkout: the same build, not rebuilt, no "building" message.
+    other = tmp_path / "checkout" / "csrc"
+    shutil.copytree(_build.native_root(), other)
+    monkeypatch.setattr(_build, "_PACKAGED", tmp_path / "no-package-copy")
+    monkeypatch.setattr(_build, "_CHECKOUT", other)
+    assert _build.native_root() == other
     with caplog.at_level(logging.INFO, logger="lrc_kernels"):
-        second = native.build_extension("cpu", [copy], cos_nce_cpp._cpu_flags(),
-                                        extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                                        extra_ldflags=["-fopenmp"])
+        second = build()
     assert second.__name__ == first.__name__
     assert library.stat().st_mtime_ns == built_at
     assert "building" not in caplog.text

@@ -14,6 +14,7 @@
 // Bank gradients are accumulated by owner (a CSR of the index), so no atomics and the
 // result is deterministic.
 
+#include "../common/negative_mode.h"
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -24,7 +25,7 @@ namespace {
 
 constexpr int64_t kChunk = 4096;  // elements per task: 16 KiB of fp32, two of them fit L1
 
-enum Mode : int64_t { kNone = 0, kExplicit = 1, kBank = 2, kTeacherBank = 3 };
+using Mode = NegativeMode;  // csrc/common/negative_mode.h
 
 // A [rows, D] view of a tensor with unit stride along D.
 struct Rows {

@@ -3,6 +3,7 @@
 // checks live here, in host-compiled code: the kernels' file only launches. The neg_index
 // range is checked in Python (lrc_kernels/ops/native.py), where an error surfaces cleanly.
 
+#include "../common/negative_mode.h"
 #include <torch/extension.h>
 
 #include <vector>
@@ -22,7 +23,7 @@ at::Tensor row_combine(const at::Tensor& x, const at::Tensor& a, const at::Tenso
 
 namespace {
 
-enum Mode : int64_t { kNone = 0, kExplicit = 1, kBank = 2, kTeacherBank = 3 };
+using Mode = NegativeMode;  // csrc/common/negative_mode.h
 
 at::ScalarType acc_type(const at::Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 

@@ -18,6 +18,7 @@
 // can be read more than once (bank rows, or teacher rows used as the bank) are added
 // with atomics into an accumulation-dtype buffer.
 
+#include "../common/negative_mode.h"
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -31,7 +32,7 @@
 
 namespace lrc_cuda {
 
-enum Mode : int { kNone = 0, kExplicit = 1, kBank = 2, kTeacherBank = 3 };
+using Mode = NegativeMode;  // csrc/common/negative_mode.h
 
 constexpr int kWarp = 32;
 constexpr int kThreads = 256;

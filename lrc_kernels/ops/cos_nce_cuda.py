@@ -1,9 +1,8 @@
 """Backend "cuda": the hand-written CUDA C++ kernels of ``csrc/cuda``.
 
 The comparison point for the Triton kernels (``bench/bench_cos_nce.py`` measures both).
-Build: just-in-time with ``torch.utils.cpp_extension.load`` (ninja + nvcc) on first use,
-for the architecture of the GPU in use (``TORCH_CUDA_ARCH_LIST`` overrides it), cached
-under ``TORCH_EXTENSIONS_DIR`` and keyed by the sources. It needs a CUDA build of torch
+Build: just-in-time (ninja + nvcc) on first use, for the architecture of the GPU in use
+(``TORCH_CUDA_ARCH_LIST`` overrides it), cached on disk by content (``_build.py``). It needs a CUDA build of torch
 and the CUDA toolkit; importing ``lrc_kernels`` never compiles, and ``backend="auto"``
 falls back with one warning if the build fails.
 
@@ -16,36 +15,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from pathlib import Path
 
 import torch
 
 from .._validation import ContrastiveProblem
-from . import native
+from . import _build, native
 
-SOURCES = [Path(__file__).resolve().parents[2] / "csrc" / "cuda" / name
-           for name in ("cos_nce_cuda.cpp", "cos_nce_cuda.cu")]
-
-
-def toolchain_present() -> bool:
-    """A CUDA build of torch, a visible GPU, the sources and nvcc (CUDA_HOME); no compiling."""
-    if not (torch.version.cuda and torch.cuda.is_available() and all(p.exists() for p in SOURCES)):
-        return False
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    return CUDA_HOME is not None
-
-
-@functools.lru_cache(maxsize=None)
-def extension():
-    """Build (once, cached on disk) and load the CUDA extension, for this torch and GPU architecture."""
-    arch = f"{torch.__version__}{torch.cuda.get_device_capability()}".encode()
-    return native.build_extension("cuda", SOURCES, arch, extra_cflags=["-O3"], extra_cuda_cflags=["-O3", "-lineinfo"])
+toolchain_present = _build.cuda_toolchain_present
 
 
 def ensure_ready() -> None:
     """Called by the backend registry before first use: surfaces build errors early."""
-    extension()
+    _build.cuda_extension()
 
 
 def row_losses(problem: ContrastiveProblem) -> torch.Tensor:

@@ -1,21 +1,9 @@
 """Triton kernels and autograd Functions for COS-NCE and cosine InfoNCE.
 
-Notation (the math lives here once). For row b, with x_0 = t_b the positive and
-x_1..x_K the negatives, c_j = cos(s_b, x_j) = s.x_j / (max(|s|, eps) max(|x_j|, eps))
-and the loss is L_b(c_0..c_K):
-
-    COS-NCE:  L = 2 - 1.5 c_0 + 0.5 mean_k c_k         (the paper's formula, expanded)
-    InfoNCE:  L = logsumexp_j(c_j / tau) - c_0 / tau
-
-With w_j = dL/dc_j (COS-NCE: w_0 = -1.5, w_k = 0.5/K; InfoNCE: w_j = (p_j - [j=0]) / tau,
-p = softmax(c / tau)), ns = max(|s|, eps), nx_j = max(|x_j|, eps), and m = 1 where the
-norm is not clamped:
-
-    dL/ds   = sum_j w_j x_j / (ns nx_j)  -  (sum_j w_j c_j) m_s s / ns^2
-    dL/dx_j = w_j (s / (ns nx_j)  -  c_j m_j x_j / nx_j^2)
-
-The forward saves the norms, the cosines and sum_j w_j c_j, so the backward is one
-streaming pass that re-reads the inputs once and never recomputes a reduction.
+The math, its notation (c_j, w_j, ns, nx_j, m) and the gradients are in the docstring of
+``lrc_kernels/functional.py``. The forward saves the norms, the cosines and sum_j w_j c_j, so
+the backward is one streaming pass that re-reads the inputs once and never recomputes a
+reduction.
 
 Paths:
   * explicit / indexed negatives: a split-D partial-dot kernel (B x splits programs, so
@@ -44,7 +32,7 @@ import triton.language as tl
 from ._autograd import single_backward
 from .in_batch import InBatchCosNCE
 
-from .._validation import IN_BATCH, INDEXED, ContrastiveProblem
+from .._validation import ContrastiveProblem, NegativeMode
 from ..reference import compute_dtype
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64}
@@ -641,12 +629,12 @@ def row_losses(problem: ContrastiveProblem) -> torch.Tensor:
     """Per-row losses [B] (fp32, or fp64 for fp64 inputs) computed by the Triton kernels."""
     _check_runnable(problem.device)
     is_info = problem.loss == "info_nce"
-    if problem.mode == IN_BATCH:
+    if problem.mode == NegativeMode.IN_BATCH:
         if is_info:
             return _InBatchInfoNCE.apply(problem.student, problem.teacher, problem.eps, problem.temperature)
         acc_dtype, _ = _acc(problem.student, problem.teacher)
         return InBatchCosNCE.apply(problem.student, problem.teacher, problem.eps, _TritonRowPrimitives(acc_dtype))
-    neg_index = problem.neg_index.contiguous() if problem.mode == INDEXED else None
+    neg_index = problem.neg_index.contiguous() if problem.mode.indexed else None
     return _GatherNegativesLoss.apply(
         problem.student, problem.teacher, problem.negatives, neg_index, is_info, problem.eps, problem.temperature
     )

@@ -2,12 +2,11 @@
 
 Backends "cpp" (``csrc/cpu``) and "cuda" (``csrc/cuda``) compile the same four streaming
 primitives with the same signatures; the ops below dispatch to the extension of the
-tensors' device. Notation of ``cos_nce_triton.py``: ``partials`` gives |s|^2, s.x_j and
-|x_j|^2, from which torch computes the cosines c [B, K+1], the loss and, in the backward,
-the weights w = dL/dc. ``weighted_backward`` then forms
-
-    grad s   = sigma s + sum_j A_j x_j,       A_j = go w_j / (ns nx_j),  sigma = -go (sum_j w_j c_j) m_s / ns^2
-    grad x_j = A_j s + G_j x_j,               G_j = -go w_j c_j m_j / nx_j^2
+tensors' device. In the notation of ``functional.py`` (where the math is): ``partials``
+gives |s|^2, s.x_j and |x_j|^2, from which torch computes the cosines c [B, K+1], the loss
+and, in the backward, w = dL/dc; ``weighted_backward`` then streams the gradients as
+sigma s + sum_j A_j x_j (student) and A_j s + G_j x_j (x_j), with the per-row coefficients
+A_j, G_j and sigma of that formula scaled by the incoming gradient go.
 
 In-batch COS-NCE is the shared O(B D) algorithm of ``in_batch.py`` over the
 ``weighted_colsum`` / ``row_dot_vec`` / ``row_combine`` primitives. In-batch InfoNCE is
@@ -21,70 +20,20 @@ the autograd Functions around them are plain traceable Python, so
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import List, Optional
 
 import torch
 from torch import Tensor
 
-from .._validation import EXPLICIT, IN_BATCH, ContrastiveProblem
+from .._validation import ContrastiveProblem, NegativeMode
 from ..reference import compute_dtype, loss_from_cosines
 from ._autograd import single_backward
+from ._build import extension_for
 from .in_batch import in_batch_backward, in_batch_forward
 
-# Negative modes understood by the kernels.
-NO_NEGATIVES, EXPLICIT_NEGATIVES, BANK, TEACHER_BANK = 0, 1, 2, 3
-
-
-def extension_for(device: torch.device):
-    """The compiled extension for a device type (built on first use, then cached)."""
-    if device.type == "cpu":
-        from . import cos_nce_cpp
-
-        return cos_nce_cpp.extension()
-    if device.type == "cuda":
-        from . import cos_nce_cuda
-
-        return cos_nce_cuda.extension()
-    raise RuntimeError(f"no native lrc_kernels extension for device type {device.type!r}")
-
-
-def build_extension(kind: str, sources: list, tag_extra: bytes, **load_kwargs):
-    """JIT-build (ninja, cached on disk) the extension from ``sources``.
-
-    The cache is keyed by content, not by path: the name hashes the sources and ``tag_extra``
-    (what else makes a build unusable elsewhere: CPU flags, GPU arch), and the build reads
-    copies of the sources kept inside its own build folder. Two checkouts of the same code
-    therefore share one build and never rebuild each other's (ninja would rebuild whenever
-    the source paths in its build file changed).
-    """
-    import hashlib
-    import logging
-
-    from torch.utils.cpp_extension import _get_build_directory, load
-
-    missing = [str(p) for p in sources if not p.exists()]
-    if missing:
-        raise RuntimeError(f"the {kind} sources {missing} are missing; install lrc_kernels from its source tree")
-    digest = hashlib.sha256(tag_extra)
-    for path in sources:
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    name = f"lrc_kernels_{kind}_{digest.hexdigest()[:16]}"
-    build_dir = Path(_get_build_directory(name, verbose=False))
-    copies = []
-    for path in sources:
-        copy = build_dir / "src" / path.name
-        if not copy.is_file() or copy.read_bytes() != path.read_bytes():
-            copy.parent.mkdir(parents=True, exist_ok=True)
-            tmp = copy.with_name(f".{copy.name}.{os.getpid()}")
-            tmp.write_bytes(path.read_bytes())
-            os.replace(tmp, copy)  # atomic: a concurrent build never reads a half-written copy
-        copies.append(str(copy))
-    if not (build_dir / f"{name}.so").is_file():
-        logging.getLogger(__name__).info("lrc_kernels: building the %s kernels in %s (first use only; about a "
-                                         "minute)", kind, build_dir)
-    return load(name=name, sources=copies, build_directory=str(build_dir), verbose=False, **load_kwargs)
+# The kernels' negative modes (csrc/common/negative_mode.h), as the ints the ops take.
+NO_NEGATIVES, EXPLICIT_NEGATIVES, BANK, TEACHER_BANK = (int(m) for m in (
+    NegativeMode.NONE, NegativeMode.EXPLICIT, NegativeMode.BANK, NegativeMode.TEACHER_BANK))
 
 
 def _placeholder(dtype=torch.float32):
@@ -311,18 +260,16 @@ def _in_batch_info_nce(problem: ContrastiveProblem) -> tuple[torch.Tensor, torch
 
 def _native_row_losses(problem: ContrastiveProblem) -> tuple[torch.Tensor, tuple]:
     """(per-row losses, the row norms the kernels computed)."""
-    if problem.mode == IN_BATCH:
+    if problem.mode == NegativeMode.IN_BATCH:
         if problem.loss == "info_nce":
             rows, norm_s, norm_t = _in_batch_info_nce(problem)
             return rows, (norm_s, norm_t)
         rows, _, norm_s, norm_t, _, _ = torch.ops.lrc_kernels.in_batch_cos_nce(problem.student, problem.teacher,
                                                                               problem.eps)
         return rows, (norm_s, norm_t)
-    if problem.mode == EXPLICIT:
-        mode, negatives, index = EXPLICIT_NEGATIVES, problem.negatives, None
-    else:
-        mode = TEACHER_BANK if problem.bank_is_teacher else BANK
-        negatives, index = problem.negatives, problem.neg_index.contiguous()
+    mode = int(problem.mode)
+    negatives = problem.negatives
+    index = problem.neg_index.contiguous() if problem.mode.indexed else None
     check_index = torch.compiler.is_compiling()  # eager calls were range-checked by the validation layer
     rows, norm_s, norm_x, _ = torch.ops.lrc_kernels.gather_negatives_loss(
         problem.student, problem.teacher, negatives, index, mode, problem.loss == "info_nce", problem.eps,
