@@ -24,17 +24,15 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common  # the script's own folder is on sys.path when it runs
 
-import lrc_kernels as lk  # noqa: E402
+import lrc_kernels as lk
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

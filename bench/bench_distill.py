@@ -4,7 +4,7 @@
     python bench/bench_distill.py --small         # a small configuration (the CPU numbers)
     python bench/bench_distill.py --smoke         # tiny models (used by the tests)
 
-Training throughput runs the trainer's own step (``Trainer.train_step`` over
+Training throughput runs the trainer's own step (``Trainer.optimizer_step`` over
 ``DistillMethod``, AdamW, clipping, the collator) on synthetic token ids, in samples per
 second, median over windows of steps. Configuration (the paper's): a 12-layer, 768-wide
 BERT teacher; a 4-layer, 312-wide student (12 heads, FFN 1200); B = 16, L = 128 (padding
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,13 +37,9 @@ from typing import NamedTuple
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common  # the script's own folder is on sys.path when it runs
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "python"))
-
-from lrc_bert.distill import uniform_layer_map as layer_map  # noqa: E402
+from lrc_bert.modeling import uniform_layer_map as layer_map
 
 PAPER = {"smaller": 7.5, "faster": 9.6}
 SNLI_LABELS = {0: "entailment", 1: "neutral", 2: "contradiction"}
@@ -117,15 +112,15 @@ def make_trainer(size: str, teacher, device, precision: str, backend: str, cache
 
 def throughput(trainer, device, windows: int, steps: int, warmup: int) -> dict:
     """Samples per second of whole training steps (data, step, optimiser), median of windows."""
-    batches = trainer._batches(0)
+    batches = trainer.batches(0)
     for _ in range(warmup):
-        trainer.train_step(*next(batches))
+        trainer.optimizer_step(*next(batches))
     rates = []
     for _ in range(windows):
         common.synchronize(device)
         start = time.perf_counter()
         for _ in range(steps):
-            trainer.train_step(*next(batches))
+            trainer.optimizer_step(*next(batches))
         common.synchronize(device)
         rates.append(steps * trainer.cfg.batch_size / (time.perf_counter() - start))
     return {"samples_per_s": statistics.median(rates), "step_ms": 1e3 * trainer.cfg.batch_size
@@ -133,13 +128,12 @@ def throughput(trainer, device, windows: int, steps: int, warmup: int) -> dict:
 
 
 def write_cache(size: str, teacher, device, train_set, folder: Path, precision: str) -> Path:
-    from types import SimpleNamespace
-
+    from lrc_bert.config import build_config
     from lrc_bert.teacher_cache import write_teacher_cache
 
     _, (sl, *_), _, _, seq = SIZES[size]
-    cfg = SimpleNamespace(output=str(folder), representation="sequence", max_length=seq, eval_batch_size=64,
-                          teacher="(in memory)", task="snli", limit_train=None)
+    cfg = build_config(None, output=str(folder), representation="sequence", max_length=seq, eval_batch_size=64,
+                       teacher="(in memory)", task="snli")
     layers = sorted(set(layer_map(sl, teacher.config.num_hidden_layers)))
     return write_teacher_cache(cfg, teacher, train_set, collate, layers, device, precision)
 

@@ -18,13 +18,13 @@ import common
 
 
 def step_ms(trainer, device, steps=20) -> float:
-    it = trainer._batches(0)
+    it = trainer.batches(0)
     for _ in range(3):
-        trainer.train_step(*next(it))
+        trainer.optimizer_step(*next(it))
     common.synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
-        trainer.train_step(*next(it))
+        trainer.optimizer_step(*next(it))
     common.synchronize(device)
     return 1e3 * (time.perf_counter() - start) / steps
 
@@ -52,14 +52,14 @@ def main() -> None:
                 trainer.method.plan = trainer.cfg.stage_plan()
             print(f"{name}: {step_ms(trainer, device):.1f} ms/step", flush=True)
         trainer = bd.make_trainer(args.size, teacher, device, "bf16", "auto", cache, False, train_set)
-        it = trainer._batches(0)
+        it = trainer.batches(0)
         for _ in range(3):
-            trainer.train_step(*next(it))
+            trainer.optimizer_step(*next(it))
         activities = [torch.profiler.ProfilerActivity.CPU] + (
             [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with torch.profiler.profile(activities=activities) as prof:
             for _ in range(5):
-                trainer.train_step(*next(it))
+                trainer.optimizer_step(*next(it))
             common.synchronize(device)
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
         print(table)

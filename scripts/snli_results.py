@@ -20,11 +20,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "python"))
-
-from lrc_bert.cli import run_evaluate, run_training  # noqa: E402
-from lrc_bert.config import build_config  # noqa: E402
-from lrc_bert.demo import default_teacher_model  # noqa: E402
+from lrc_bert.runs import run_evaluate, run_training
+from lrc_bert.config import build_config
+from lrc_bert.demo import default_teacher_model
 
 # Each ablation is a set of config overrides on top of the LRC-BERT defaults.
 VARIANTS = {

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -20,11 +19,11 @@ pytest.importorskip("datasets")
 pytest.importorskip("sklearn")
 
 from lrc_bert import checkpoint as ckpt  # noqa: E402
-from lrc_bert import cli  # noqa: E402
+from lrc_bert import cli, runs  # noqa: E402
 from lrc_bert.config import build_config  # noqa: E402
 from lrc_bert.losses import LOSSES, register_loss  # noqa: E402
 from lrc_bert.tasks import DataError, get_task, load_split  # noqa: E402
-from lrc_bert.trainer import MAX_CONSECUTIVE_SKIPPED_STEPS, FiniteGuard, TrainingDiverged  # noqa: E402
+from lrc_bert.trainer import MAX_CONSECUTIVE_SKIPPED_STEPS, FiniteGuard  # noqa: E402
 from trainer_fixtures import SNLI_DEMO, SNLI_SAMPLE, build_teacher, tiny_distill_settings  # noqa: E402
 
 
@@ -35,7 +34,7 @@ def teacher(tmp_path_factory):
 
 def distill(teacher, output, resume=False, on_step=None, **overrides):
     cfg = build_config(None, **tiny_distill_settings(teacher, output, **overrides))
-    return cli.run_training(cfg, "distill", resume=resume, on_step=on_step)
+    return runs.run_training(cfg, "distill", resume=resume, on_step=on_step)
 
 
 def distill_argv(teacher, output, *extra):
@@ -233,7 +232,7 @@ def test_kill_9_during_a_checkpoint_write_loses_nothing(teacher, tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from lrc_bert import checkpoint, cli
+        from lrc_bert import checkpoint, runs
         from lrc_bert.config import build_config
         real = checkpoint.write_manifest
         def write_manifest(folder):
@@ -241,7 +240,7 @@ def test_kill_9_during_a_checkpoint_write_loses_nothing(teacher, tmp_path):
                 os.kill(os.getpid(), signal.SIGKILL)
             real(folder)
         checkpoint.write_manifest = write_manifest
-        cli.run_training(build_config(None, **{settings!r}), "distill")
+        runs.run_training(build_config(None, **{settings!r}), "distill")
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == -9, result.stderr[-2000:]
@@ -397,7 +396,7 @@ def test_a_few_hundred_steps_on_the_shipped_snli_data_beat_the_majority_class(tm
     cfg = build_config(None, task="snli", model=str(teacher), output=str(tmp_path / "ft"), data_dir=str(SNLI_DEMO),
                        batch_size=32, max_length=48, learning_rate=1e-3, max_steps=200, eval_steps=1000,
                        save_steps=1000, logging_steps=50, seed=1, tensorboard=False)
-    final = cli.run_training(cfg, "finetune")
+    final = runs.run_training(cfg, "finetune")
     labels = [line.split("\t")[3] for line in (SNLI_DEMO / "dev.tsv").read_text().splitlines()[1:]]
     majority = max(labels.count(name) for name in set(labels)) / len(labels)
     assert final["dev/accuracy"] > majority + 0.05, (final, majority)

@@ -17,7 +17,7 @@ pytest.importorskip("sklearn")
 
 import torch.multiprocessing as mp  # noqa: E402
 
-from lrc_bert import cli  # noqa: E402
+from lrc_bert import runs  # noqa: E402
 from lrc_bert.config import build_config  # noqa: E402
 from lrc_bert.distill import DistillMethod  # noqa: E402
 from lrc_bert.runtime import Runtime, init_runtime, shutdown  # noqa: E402
@@ -145,14 +145,14 @@ def test_two_processes_with_global_negatives_equal_one_with_the_whole_batch(teac
 
 def _distill_worker(rank, world, port, settings):
     _as_rank(rank, world, port)
-    cli.run_training(build_config(None, **settings), "distill")
+    runs.run_training(build_config(None, **settings), "distill")
 
 
 def test_ddp_run_resumes_on_another_world_size_and_matches_one_process(teacher, student_config, tmp_path):
     common = dict(global_negatives=True, max_steps=6, save_steps=3, eval_steps=100, keep_checkpoints=5,
                   batch_size=8, perturb_eps=1.0, stage1_fraction=0.5)
     one = _settings(teacher, tmp_path / "one", student_config, **common)
-    cli.run_training(build_config(None, **one), "distill")
+    runs.run_training(build_config(None, **one), "distill")
     two = _settings(teacher, tmp_path / "two", student_config, **common)
     _spawn(_distill_worker, 2, two)
     # Rank 0 alone wrote the run's files.
@@ -162,7 +162,7 @@ def test_ddp_run_resumes_on_another_world_size_and_matches_one_process(teacher, 
     shutil.copytree(tmp_path / "two", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-00000006")
     resumed = _settings(teacher, tmp_path / "resumed", student_config, **common)
-    cli.run_training(build_config(None, **resumed), "distill", resume=True)
+    runs.run_training(build_config(None, **resumed), "distill", resume=True)
     from safetensors.torch import load_file
 
     final = {name: load_file(str(tmp_path / name / "checkpoints" / "step-00000006" / "student.safetensors"))
@@ -189,21 +189,21 @@ def test_accumulating_run_trains_with_micro_batches(teacher, tmp_path):
     from lrc_bert.trainer import Trainer
 
     seen = []
-    original = Trainer.train_step
+    original = Trainer.optimizer_step
 
     def spy(self, step, batches):
         seen.append([b["input_ids"].shape[0] for b in batches])
         return original(self, step, batches)
 
-    Trainer.train_step = spy
+    Trainer.optimizer_step = spy
     try:
         cfg = build_config(None, **tiny_distill_settings(teacher, tmp_path / "run", grad_accum_steps=2, max_steps=3))
-        cli.run_training(cfg, "distill")
+        runs.run_training(cfg, "distill")
     finally:
-        Trainer.train_step = original
+        Trainer.optimizer_step = original
     assert seen == [[4, 4]] * 3
     with pytest.raises(ValueError, match="grad_accum_steps"):
-        cli.run_training(build_config(None, **tiny_distill_settings(teacher, tmp_path / "bad", grad_accum_steps=3)),
+        runs.run_training(build_config(None, **tiny_distill_settings(teacher, tmp_path / "bad", grad_accum_steps=3)),
                          "distill")
 
 
@@ -212,7 +212,7 @@ def test_mixed_precision_runs_and_checkpoints_the_scaler(teacher, tmp_path, prec
     out = tmp_path / precision
     cfg = build_config(None, **tiny_distill_settings(teacher, out, precision=precision, max_steps=4, save_steps=2,
                                                      perturb_eps=1.0, stage1_fraction=0.5))
-    cli.run_training(cfg, "distill")
+    runs.run_training(cfg, "distill")
     losses = [r["loss"] for r in _train_records(out)]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
     state = torch.load(out / "checkpoints" / "step-00000004" / "trainer_state.pt", weights_only=True)
@@ -226,7 +226,7 @@ def _write_cache(teacher, folder, **overrides):
     settings = dict(task="snli", teacher=str(teacher), output=str(folder), max_length=32, student_layers=2,
                     data_dir=tiny_distill_settings(teacher, folder)["data_dir"], eval_batch_size=16)
     settings.update(overrides)
-    return cli.run_cache_teacher(build_config(None, **settings))
+    return runs.run_cache_teacher(build_config(None, **settings))
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +238,7 @@ def test_cache_holds_the_teachers_outputs(teacher, cache):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from lrc_bert.data import Collator, tokenize_split
-    from lrc_bert.teacher_cache import representation
+    from lrc_bert.modeling import representation
 
     stored = TeacherCache(cache)
     assert stored.layers == [2, 4] and stored.reps.dtype.name == "float16"
@@ -292,10 +292,10 @@ def test_distill_from_the_cache_matches_the_live_teacher_and_refuses_other_data(
     for key in ("cos_nce", "soft", "hard"):
         assert b[key] == pytest.approx(a[key], rel=5e-3, abs=1e-6), key  # fp16 cache rounding
     with pytest.raises(ValueError, match="max_length"):
-        cli.run_training(build_config(None, **tiny_distill_settings(teacher, tmp_path / "c", max_length=24,
+        runs.run_training(build_config(None, **tiny_distill_settings(teacher, tmp_path / "c", max_length=24,
                                                                     teacher_cache=str(cache))), "distill")
     with pytest.raises(ValueError, match="another training set"):
-        cli.run_training(build_config(None, **tiny_distill_settings(teacher, tmp_path / "d", max_length=32,
+        runs.run_training(build_config(None, **tiny_distill_settings(teacher, tmp_path / "d", max_length=32,
                                                                     teacher_cache=str(cache), limit_train=None,
                                                                     data_dir=str(_shrunk_data(tmp_path)))),
                          "distill")
@@ -378,7 +378,7 @@ def test_cuda_distill_with_mixed_precision_cache_bank_and_compile(teacher, cache
         teacher, out, device="cuda", precision=precision, compile_student=compiled, loss_backend="auto",
         teacher_cache=str(cache), negative_source="bank", num_negatives=16, max_steps=6, save_steps=3,
         stage1_fraction=0.5, perturb_eps=1.0))
-    cli.run_training(cfg, "distill")
+    runs.run_training(cfg, "distill")
     losses = [r["loss"] for r in _train_records(out)]
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
     assert (out / "student" / "model.safetensors").is_file()
@@ -439,7 +439,7 @@ def test_cuda_graph_steps_equal_eager_steps_and_resume_eagerly(teacher, student_
     for name, graphs in (("eager", False), ("graphs", True)):
         with caplog.at_level(logging.INFO, logger="lrc_bert"):
             caplog.clear()
-            cli.run_training(build_config(None, **_settings(teacher, tmp_path / name, student_config,
+            runs.run_training(build_config(None, **_settings(teacher, tmp_path / name, student_config,
                                                             cuda_graphs=graphs, **common)), "distill")
             captures = sum("capturing the training step" in r.getMessage() for r in caplog.records)
         assert captures == (2 if graphs else 0)  # one graph per stage
@@ -452,7 +452,7 @@ def test_cuda_graph_steps_equal_eager_steps_and_resume_eagerly(teacher, student_
     # The graph run's step-5 checkpoint, resumed eagerly, ends where the graph run ended.
     shutil.copytree(tmp_path / "graphs", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-00000010")
-    cli.run_training(build_config(None, **_settings(teacher, tmp_path / "resumed", student_config, **common)),
+    runs.run_training(build_config(None, **_settings(teacher, tmp_path / "resumed", student_config, **common)),
                      "distill", resume=True)
     final = {name: load_file(str(tmp_path / name / "checkpoints" / "step-00000010" / "student.safetensors"))
              for name in ("eager", "graphs", "resumed")}
@@ -473,7 +473,7 @@ def test_cuda_graph_finetune_equals_eager(teacher, tmp_path):
         settings = tiny_distill_settings(teacher, tmp_path / name, device="cuda", precision="bf16", max_steps=6,
                                          cuda_graphs=graphs)
         del settings["teacher"]
-        cli.run_training(build_config(None, **settings, model=str(model)), "finetune")
+        runs.run_training(build_config(None, **settings, model=str(model)), "finetune")
         runs[name] = _train_records(tmp_path / name)
     assert len(runs["graphs"]) == 6
     for a, b in zip(runs["eager"], runs["graphs"], strict=True):

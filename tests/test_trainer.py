@@ -12,9 +12,10 @@ import torch
 pytest.importorskip("datasets")
 pytest.importorskip("sklearn")
 
-from lrc_bert import cli  # noqa: E402
+from lrc_bert import cli, runs  # noqa: E402
 from lrc_bert.config import TrainConfig, build_config, load_yaml, validate  # noqa: E402
-from lrc_bert.distill import DistillMethod, uniform_layer_map  # noqa: E402
+from lrc_bert.distill import DistillMethod  # noqa: E402
+from lrc_bert.modeling import uniform_layer_map  # noqa: E402
 from lrc_bert.metrics import compute_metrics  # noqa: E402
 from lrc_bert.runtime import Runtime  # noqa: E402
 from lrc_bert.tasks import get_task, label_alignment  # noqa: E402
@@ -33,7 +34,7 @@ def records(output: Path, kind: str) -> list[dict]:
 
 def distill(teacher, output, on_step=None, resume=False, **overrides) -> dict:
     cfg = build_config(None, **tiny_distill_settings(teacher, output, **overrides))
-    return cli.run_training(cfg, "distill", resume=resume, on_step=on_step)
+    return runs.run_training(cfg, "distill", resume=resume, on_step=on_step)
 
 
 def make_method(teacher, tmp_path, **overrides):
@@ -248,7 +249,7 @@ def test_bad_config_fails_before_training(teacher, tmp_path, overrides, error, m
     settings.update(overrides)
     cfg = build_config(None, **settings)
     with pytest.raises(error, match=match):
-        cli.run_training(cfg, "distill")
+        runs.run_training(cfg, "distill")
     assert not (tmp_path / "run").exists()
 
 

@@ -10,7 +10,7 @@ import dataclasses
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -280,20 +280,11 @@ def _check_in_batch_negatives(cfg: TrainConfig, plan: list, losses: dict) -> Non
                          "torchrun")
 
 
-def read_model_config(ref: str):
-    """A model's transformers config (config.json only: no weights), or None where it cannot be
-    read without loading (a hub name while offline); the model load then reports the problem."""
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(ref)
-    except (OSError, ValueError):
-        return None
-
-
 def _check_model_config(cfg: TrainConfig, command: str, ref: Optional[str]) -> None:
     """What the model's config.json can tell before any weights load: its position limit, and
     for finetune whether its classification head fits the task."""
+    from .modeling import check_head_fits, read_model_config
+
     if ref is None:
         return
     config = read_model_config(ref)
@@ -305,18 +296,6 @@ def _check_model_config(cfg: TrainConfig, command: str, ref: Optional[str]) -> N
                          f"(max_position_embeddings); use --max-length {limit} or less")
     if command == "finetune":
         check_head_fits(ref, config, get_task(cfg.task), cfg.ignore_mismatched_sizes)
-
-
-def check_head_fits(ref: str, config, task, ignore_mismatched_sizes: bool) -> bool:
-    """Whether the checkpoint has a sequence-classification head of another size than the task
-    needs. Such a head is refused, naming both label counts and the flag that re-initialises it."""
-    has_head = any(str(a).endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or []))
-    if not has_head or config.num_labels == task.num_labels:
-        return False
-    if not ignore_mismatched_sizes:
-        raise ValueError(f"{ref} has a classification head with {config.num_labels} labels, task {task.name} has "
-                         f"{task.num_labels}; pass --ignore-mismatched-sizes to re-initialise the head")
-    return True
 
 
 def _check_cuda_graphs(cfg: TrainConfig, command: str) -> None:

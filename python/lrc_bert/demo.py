@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from .cli import run_evaluate, run_training
+    from .runs import run_evaluate, run_training
     from .config import build_config
 
     out = Path(args.output)
@@ -90,8 +90,8 @@ def main(argv=None) -> int:
                       "ms_b1": latency_ms(model, tokenizer, 1, length), "ms_b32": latency_ms(model, tokenizer, 32, length)}
     print(f"[4/4] done in {(time.time() - started) / 60:.1f} min on {torch.get_num_threads()} CPU threads\n")
     teacher, student = rows.values()
-    print(f"| model | parameters | test accuracy | retention | CPU ms, batch 1 | CPU ms, batch 32 |")
-    print(f"|---|---|---|---|---|---|")
+    print("| model | parameters | test accuracy | retention | CPU ms, batch 1 | CPU ms, batch 32 |")
+    print("|---|---|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['params'] / 1e6:.1f}M | {100 * r['accuracy']:.1f}% | "
               f"{100 * r['accuracy'] / teacher['accuracy']:.1f}% | {r['ms_b1']:.1f} | {r['ms_b32']:.1f} |")

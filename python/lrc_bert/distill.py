@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from pathlib import Path
 from typing import Optional
 
@@ -31,65 +30,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import atomic_directory
 from .config import TrainConfig
 from .data import MODEL_INPUTS, model_inputs
-from .finetune import label_kwargs, load_classifier
 from .losses import LOSSES, LossInputs
+from .method import decay_groups, run_step
+from .modeling import StudentWithProjections, build_student, export_student, representation, uniform_layer_map
 from .runtime import AUTOCAST_DTYPES, Runtime
 from .tasks import TaskSpec, label_alignment
-from .teacher_cache import TeacherCache, representation
-from .trainer import decay_groups, run_step
+from .teacher_cache import TeacherCache
 
 log = logging.getLogger("lrc_bert")
-
-
-def uniform_layer_map(student_layers: int, teacher_layers: int) -> list[int]:
-    """Student layer i (1-based) -> teacher layer ceil(i N / M)."""
-    return [math.ceil(i * teacher_layers / student_layers) for i in range(1, student_layers + 1)]
-
-
-def build_student(cfg: TrainConfig, teacher_config, task: TaskSpec):
-    from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig
-
-    labels = label_kwargs(task)
-    if cfg.student_init:
-        return load_classifier(cfg.student_init, task, cfg.ignore_mismatched_sizes)
-    if cfg.student_config:
-        import json
-
-        values = json.loads(Path(cfg.student_config).read_text())
-        values.update(labels)
-        config = AutoConfig.for_model(**values) if "model_type" in values else BertConfig(**values)
-    else:
-        config = BertConfig(
-            vocab_size=teacher_config.vocab_size, hidden_size=cfg.student_hidden,
-            num_hidden_layers=cfg.student_layers, num_attention_heads=cfg.student_heads,
-            intermediate_size=cfg.student_intermediate,
-            max_position_embeddings=teacher_config.max_position_embeddings,
-            type_vocab_size=getattr(teacher_config, "type_vocab_size", 2),
-            pad_token_id=getattr(teacher_config, "pad_token_id", 0), **labels)
-    if config.vocab_size != teacher_config.vocab_size:
-        raise ValueError(f"the student's vocabulary ({config.vocab_size}) must be the teacher's "
-                         f"({teacher_config.vocab_size}): both read the teacher's tokenisation")
-    return AutoModelForSequenceClassification.from_config(config)
-
-
-class StudentWithProjections(nn.Module):
-    """The trained modules as one ``nn.Module``, so that one DDP wrapper covers them.
-
-    ``forward`` returns only what the stage's losses use (logits and / or the projected
-    mapped layers): DDP's search for unused parameters starts from these outputs.
-    """
-
-    def __init__(self, student, projections: nn.ModuleList):
-        super().__init__()
-        self.student, self.projections = student, projections
-
-    def forward(self, inputs: dict, need_logits: bool, need_layers: bool):
-        out = self.student(**inputs, output_hidden_states=need_layers)
-        layers = [proj(out.hidden_states[i + 1]) for i, proj in enumerate(self.projections)] if need_layers else []
-        return (out.logits if need_logits else None), layers
 
 
 class DistillMethod:
@@ -322,8 +272,3 @@ class DistillMethod:
         export_student(self.student, self.tokenizer, folder)
 
 
-def export_student(student, tokenizer, folder: Path) -> None:
-    """save_pretrained + tokenizer: loadable by AutoModelForSequenceClassification alone."""
-    with atomic_directory(folder) as tmp:
-        student.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)

@@ -11,40 +11,16 @@ import torch.nn.functional as F
 from .checkpoint import atomic_directory
 from .config import TrainConfig
 from .data import MODEL_INPUTS, model_inputs
+from .method import decay_groups, run_step
+from .modeling import load_classifier
 from .runtime import Runtime
 from .tasks import TaskSpec
-from .trainer import decay_groups, run_step
 
 log = logging.getLogger("lrc_bert")
 
 
-def label_kwargs(task: TaskSpec) -> dict:
-    """Config fields that name the task's labels, so later label checks can work."""
-    if task.is_regression:
-        return {"num_labels": 1, "problem_type": "regression"}
-    return {"num_labels": task.num_labels, "id2label": dict(enumerate(task.labels)),
-            "label2id": {name: i for i, name in enumerate(task.labels)},
-            "problem_type": "single_label_classification"}
-
-
-def load_classifier(ref: str, task: TaskSpec, ignore_mismatched_sizes: bool = False):
-    """``AutoModelForSequenceClassification`` with the task's labels. A checkpoint whose head has
-    another label count is refused by name, or re-initialised with a warning when allowed."""
-    from transformers import AutoModelForSequenceClassification
-
-    from .config import check_head_fits, read_model_config
-
-    config = read_model_config(ref)
-    reinit = config is not None and check_head_fits(ref, config, task, ignore_mismatched_sizes)
-    if reinit:
-        log.warning("%s: its %d-label classification head is re-initialised for the %d labels of %s "
-                    "(--ignore-mismatched-sizes)", ref, config.num_labels, task.num_labels, task.name)
-    return AutoModelForSequenceClassification.from_pretrained(ref, ignore_mismatched_sizes=reinit, **label_kwargs(task))
-
-
 class FinetuneMethod:
     def __init__(self, cfg: TrainConfig, task: TaskSpec, tokenizer, runtime: Runtime):
-        from transformers import AutoModelForSequenceClassification
 
         self.cfg, self.task, self.tokenizer, self.runtime = cfg, task, tokenizer, runtime
         device = runtime.device

@@ -84,6 +84,15 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
+def label_kwargs(task: TaskSpec) -> dict:
+    """Config fields that name the task's labels, so later label checks can work."""
+    if task.is_regression:
+        return {"num_labels": 1, "problem_type": "regression"}
+    return {"num_labels": task.num_labels, "id2label": dict(enumerate(task.labels)),
+            "label2id": {name: i for i, name in enumerate(task.labels)},
+            "problem_type": "single_label_classification"}
+
+
 def get_task(name: str) -> TaskSpec:
     if name not in TASKS:
         raise ValueError(f"task must be one of {', '.join(TASK_NAMES)}; got {name!r}")

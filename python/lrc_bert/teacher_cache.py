@@ -32,19 +32,13 @@ import torch
 
 from .checkpoint import atomic_directory
 from .data import data_fingerprint
+from .modeling import representation
 
 log = logging.getLogger("lrc_bert")
 
 VERSION = 1
 # Settings that must agree between the cache and the run that reads it.
 MATCHED = ("task", "representation", "max_length", "limit_train")
-
-
-def representation(hidden: torch.Tensor, mask: torch.Tensor, kind: str) -> torch.Tensor:
-    """[B, L, d] layer output -> [B, F]: the [CLS] vector, or the masked, flattened sequence."""
-    if kind == "cls":
-        return hidden[:, 0]
-    return (hidden * mask.unsqueeze(-1).to(hidden.dtype)).flatten(1)
 
 
 def human_bytes(n: float) -> str:

@@ -1,7 +1,8 @@
 """The training loop shared by ``finetune`` and ``distill``.
 
-A *method* (``FinetuneMethod``, ``DistillMethod``) owns the models and the loss: it
-computes a step's gradients (``train_step``) and predictions (``predict``). The trainer
+A *method* (``FinetuneMethod``, ``DistillMethod``; the protocol is in ``method.py``) owns
+the models and the loss: it computes a step's gradients (``prepare_step`` then
+``compute_step``) and predictions (``predict``). The trainer
 owns everything around them: data order, optimiser and schedule, clipping, evaluation
 and the best checkpoint, resumable checkpoints, and logging (tqdm, metrics.jsonl,
 TensorBoard).
@@ -27,13 +28,14 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Callable, Optional, Protocol
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
+from .method import Method
 from .metrics import compute_metrics
 from .runtime import Runtime, to_device
 from .tasks import TaskSpec
@@ -46,51 +48,6 @@ MAX_CONSECUTIVE_SKIPPED_STEPS = 25
 
 class TrainingDiverged(RuntimeError):
     """A loss or gradient norm became NaN or Inf; the run stopped, keeping its last good checkpoint."""
-
-
-class Method(Protocol):
-    """A training method. A step is split in two so that the device part can be captured
-    as a CUDA graph (``cuda_graph.py``): ``prepare_step`` does the host work (data, stage,
-    cached rows, sampled indices) and ``compute_step`` only device work (forward passes and
-    backward; no host syncs, no host-to-device copies)."""
-
-    modules: dict  # name -> nn.Module, saved in checkpoints
-    total_steps: int
-
-    def param_groups(self, weight_decay: float) -> list: ...
-
-    def prepare_step(self, batch: dict, step: int) -> tuple[dict, dict]:
-        """(tensors for compute_step, host values such as the stage: shown and logged; a graph key)."""
-
-    def compute_step(self, inputs: dict, info: dict) -> dict:
-        """Runs the step's forward and backward passes; returns the loss parts as 0-dim tensors."""
-
-    def no_sync(self): ...  # context: no DDP gradient synchronisation (all but the last micro-batch)
-
-    def predict(self, batch: dict) -> torch.Tensor: ...
-
-    def state_dict(self) -> dict: ...
-
-    def load_state_dict(self, state: dict) -> None: ...
-
-    def save_best(self, folder: Path) -> None: ...
-
-
-def run_step(method, batch: dict, step: int) -> dict:
-    """One micro-batch step of ``method`` outside the trainer: gradients accumulate in the
-    parameters; returns the loss parts as floats, with the step's host values."""
-    inputs, info = method.prepare_step(batch, step)
-    parts = method.compute_step(to_device(inputs, method.runtime.device), info)
-    return {**{k: float(v) for k, v in parts.items()}, **info}
-
-
-def decay_groups(named_params, weight_decay: float) -> list:
-    """AdamW groups: no decay on biases and LayerNorm weights (the BERT recipe)."""
-    decay, no_decay = [], []
-    for name, p in named_params:
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 class MetricsLog:
@@ -356,7 +313,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
 
-    def _batches(self, start_step: int):
+    def batches(self, start_step: int):
         """(step, this rank's micro-batches) from start_step on.
 
         Epoch e's order is a permutation drawn from seed + e; global batch i is its slice
@@ -382,7 +339,7 @@ class Trainer:
                 yield step, batches
                 step += 1
 
-    def train_step(self, step: int, batches: list) -> tuple[dict, torch.Tensor]:
+    def optimizer_step(self, step: int, batches: list) -> tuple[dict, torch.Tensor]:
         """One optimiser step over this rank's micro-batches.
 
         Returns (loss parts averaged over the micro-batches, as 0-dim device tensors, with the
@@ -466,8 +423,8 @@ class Trainer:
         last_saved = self.step
         try:
             with contextlib.closing(bar):
-                for step, batches in self._batches(self.step):
-                    parts, grad_norm = self.train_step(step, batches)
+                for step, batches in self.batches(self.step):
+                    parts, grad_norm = self.optimizer_step(step, batches)
                     self.step = step + 1
                     bar.update(1)
                     if self.step % self.cfg.logging_steps == 0 or self.step == self.total_steps:
