@@ -20,7 +20,13 @@ import time
 from pathlib import Path
 
 HUB_TEACHER = "sentence-transformers/all-MiniLM-L6-v2"
-DEMO_DATA = Path(__file__).resolve().parents[2] / "data" / "snli_demo"
+# The SNLI sample: inside an installed package (copied in when the wheel is built), else the checkout's.
+_PACKAGED_DATA = Path(__file__).resolve().parent / "_data" / "snli_demo"
+_CHECKOUT_DATA = Path(__file__).resolve().parents[2] / "data" / "snli_demo"
+
+
+def demo_data() -> Path | None:
+    return next((p for p in (_PACKAGED_DATA, _CHECKOUT_DATA) if (p / "train.tsv").is_file()), None)
 
 
 def default_teacher_model() -> str:
@@ -53,10 +59,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="runs/demo", help="run folder (default runs/demo)")
     parser.add_argument("--teacher-model", default=None, help="pretrained encoder to fine-tune (default: MiniLM-L6)")
-    parser.add_argument("--data-dir", default=str(DEMO_DATA), help="SNLI-layout folder (default: the shipped sample)")
+    parser.add_argument("--data-dir", default=None, help="SNLI-layout folder (default: the shipped sample)")
     parser.add_argument("--quick", action="store_true", help="a few steps only: checks the pipeline, not the result")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.data_dir is None:
+        found = demo_data()
+        if found is None:
+            parser.error("the SNLI sample is not installed with this package (a wheel ships it in "
+                         f"{_PACKAGED_DATA}, a checkout in {_CHECKOUT_DATA}): pass --data-dir FOLDER, a folder "
+                         "of train.tsv, dev.tsv and test.tsv in the SNLI layout (pairID, sentence1, sentence2, "
+                         "gold_label), such as ../shared/data/snli")
+        args.data_dir = str(found)
 
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
