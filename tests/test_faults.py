@@ -10,7 +10,9 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -97,31 +99,28 @@ def test_resume_on_other_data_is_refused_naming_the_difference(teacher, tmp_path
 
 @pytest.fixture
 def nan_loss_after():
-    """A plug-in loss that is finite for its first N calls and NaN afterwards."""
-    created = []
+    """A loss (registered like any plug-in) that is finite for its first ``calls`` calls, then NaN."""
 
-    def make(calls: int):
-        count = {"n": 0}
+    @register_loss("nan_after")
+    @dataclass
+    class NanAfter:
+        calls: int = 0
+        needs_representations: ClassVar[bool] = False
+        seen: ClassVar[list] = []
 
-        @register_loss("nan_after")
-        def nan_after(x):
-            count["n"] += 1
+        def __call__(self, x):
+            self.seen.append(1)
             value = x.student_logits.float().mean() * 0
-            return value + (float("nan") if count["n"] > calls else 0.0)
+            return value + (float("nan") if len(self.seen) > self.calls else 0.0)
 
-        created.append("nan_after")
-        return nan_after
-
-    yield make
-    for name in created:
-        LOSSES.pop(name, None)
+    yield NanAfter
+    LOSSES.pop("nan_after", None)
 
 
 def test_a_nan_loss_stops_the_run_keeping_the_last_good_checkpoint(teacher, tmp_path, nan_loss_after, capsys):
-    nan_loss_after(5)  # steps 1-5 finite, step 6 NaN
     out = tmp_path / "run"
-    config = tmp_path / "stages.yaml"
-    config.write_text("stages:\n  - {fraction: 1.0, weights: {cos_nce: 1.0, nan_after: 1.0}}\nperturb_eps: 0.0\n")
+    config = tmp_path / "losses.yaml"  # steps 1-5 finite, step 6 NaN
+    config.write_text("losses: {nan_after: {weight: 1.0, calls: 5}}\nstage1_fraction: 1.0\nperturb_eps: 0.0\n")
     code = cli.main(distill_argv(teacher, out, "--config", str(config), "--max-steps", "12", "--save-steps", "4",
                                  "--eval-steps", "4", "--logging-steps", "3"))
     assert code == 1

@@ -1,6 +1,6 @@
 """The ``lrc-bert`` command: finetune, distill, evaluate.
 
-Settings come from the defaults (the paper's; see configs/lrc_bert.yaml), then
+Settings come from the defaults (the paper's; see lrc_bert/configs/lrc_bert.yaml), then
 ``--config YAML``, then flags. Everything is checked before any model or data loads.
 """
 
@@ -22,7 +22,7 @@ COMMON_HELP = {
     "task": "GLUE task (cola sst2 mrpc stsb qqp mnli qnli rte wnli) or snli",
     "data_dir": "folder with the GLUE TSV files (train.tsv, dev.tsv; MNLI: dev_matched.tsv, dev_mismatched.tsv); "
                 "default: download through datasets from the Hugging Face hub",
-    "config": "YAML file of settings (names as in configs/lrc_bert.yaml); flags override it",
+    "config": "YAML file of settings, or the name of a shipped one (lrc_bert: the paper's); flags override it",
     "epochs": "training epochs (default 3)",
     "max_steps": "stop after this many optimiser steps (overrides --epochs)",
     "batch_size": "global training batch per optimiser step, over all processes and micro-batches "

@@ -75,31 +75,46 @@ class TrainConfig:
     stages: Optional[list] = None  # explicit [{fraction, weights: {loss: w}}]; default from alpha/beta/gamma
     perturb_eps: float = 1.0  # norm of the per-example embedding perturbation; 0 disables it
     perturb_mode: str = "replace"  # "replace" the clean gradient (paper) or "add" both (FGM)
+    losses: Optional[dict] = None  # {loss: {weight: w or [w per stage], setting: value}} (losses.py)
+    plugins: Optional[list] = None  # modules imported before the run: they may register losses
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def stage_plan(self) -> list[dict]:
-        """[{fraction, weights}] covering the run; the default is the paper's two stages."""
+        """[{fraction, weights}] covering the run; the default is the paper's two stages.
+
+        Weights: explicit ``stages``; else cos_nce alpha:alpha, soft 0:beta, hard 0:gamma over
+        (stage1_fraction, 1 - stage1_fraction), each replaced by a ``weight`` in ``losses``
+        (one number for both stages, or one per stage).
+        """
         if self.stages is not None:
             return [{"fraction": float(s["fraction"]), "weights": {k: float(v) for k, v in s["weights"].items()}}
                     for s in self.stages]
-        return [
-            {"fraction": self.stage1_fraction, "weights": {"cos_nce": self.alpha, "soft": 0.0, "hard": 0.0}},
-            {"fraction": 1.0 - self.stage1_fraction,
-             "weights": {"cos_nce": self.alpha, "soft": self.beta, "hard": self.gamma}},
-        ]
+        fractions = [self.stage1_fraction, 1.0 - self.stage1_fraction]
+        weights = {"cos_nce": [self.alpha, self.alpha], "soft": [0.0, self.beta], "hard": [0.0, self.gamma]}
+        for name, entry in (self.losses or {}).items():
+            if isinstance(entry, dict) and "weight" in entry:
+                w = entry["weight"]
+                weights[name] = list(w) if isinstance(w, (list, tuple)) else [w] * len(fractions)
+        return [{"fraction": f, "weights": {name: float(w[i]) for name, w in weights.items()}}
+                for i, f in enumerate(fractions)]
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 def load_yaml(path: str | Path) -> dict:
     import yaml
 
     path = Path(path)
+    packaged = PACKAGED_CONFIGS / f"{path.name}.yaml"
+    if not path.is_file() and path.suffix == "" and packaged.is_file():
+        path = packaged  # --config lrc_bert: the config shipped in the package
     if not path.is_file():
-        raise FileNotFoundError(f"--config {path} does not exist")
+        raise FileNotFoundError(f"--config {path} does not exist (shipped configs: "
+                                f"{sorted(p.stem for p in PACKAGED_CONFIGS.glob('*.yaml'))})")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"--config {path} must hold a mapping of settings")
@@ -119,8 +134,26 @@ def build_config(yaml_path: Optional[str] = None, **overrides: Any) -> TrainConf
     if values.get("stages") is not None and {"alpha", "beta", "gamma", "stage1_fraction"} & set(given):
         raise ValueError("the config sets explicit `stages`; --alpha/--beta/--gamma/--stage1-fraction would be "
                          "ignored, so remove one or the other")
+    # A shortcut flag on the command line wins over the same setting in the YAML's `losses:`.
+    from .losses import SETTING_SHORTCUTS
+
+    losses = values.get("losses")
+    if isinstance(losses, dict):
+        losses = {name: dict(entry or {}) for name, entry in losses.items()}
+        for field_name, (loss, key) in SETTING_SHORTCUTS.items():
+            if field_name in given and loss in losses:
+                losses[loss][key] = given[field_name]
+        for field_name, (loss, stage_weights) in WEIGHT_SHORTCUTS.items():
+            if field_name in given and loss in losses:
+                losses[loss]["weight"] = stage_weights(given[field_name])
+        values["losses"] = losses
     values.update(given)
     return TrainConfig(**values)
+
+
+# --alpha/--beta/--gamma: the weights of cos_nce (both stages), soft and hard (stage 2 only).
+WEIGHT_SHORTCUTS = {"alpha": ("cos_nce", lambda a: [a, a]), "beta": ("soft", lambda b: [0.0, b]),
+                    "gamma": ("hard", lambda g: [0.0, g])}
 
 
 def _number(cfg, name, *, minimum=None, strict=False, integer=False, optional=False):
@@ -155,7 +188,7 @@ def _check_model_ref(name: str, ref: Optional[str]) -> None:
 
 def validate(cfg: TrainConfig, command: str) -> None:
     """Every setting the command uses, with errors naming it; raises before any work starts."""
-    from .losses import LOSSES
+    from .losses import LOSSES, build_losses, import_plugins
 
     if cfg.task not in TASK_NAMES:
         raise ValueError(f"task must be one of {', '.join(TASK_NAMES)}; got {cfg.task!r}")
@@ -236,6 +269,8 @@ def validate(cfg: TrainConfig, command: str) -> None:
         if cfg.layer_map is not None and (not isinstance(cfg.layer_map, list)
                                           or not all(isinstance(i, int) and i >= 1 for i in cfg.layer_map)):
             raise ValueError(f"layer_map must be a list of teacher layers (1-based ints), got {cfg.layer_map!r}")
+        import_plugins(cfg.plugins)
+        _check_losses_section(cfg)
         plan = cfg.stage_plan()
         total = sum(s["fraction"] for s in plan)
         if any(s["fraction"] < 0 for s in plan) or abs(total - 1.0) > 1e-6:
@@ -249,10 +284,43 @@ def validate(cfg: TrainConfig, command: str) -> None:
             if stage["fraction"] > 0 and not any(w > 0 for w in stage["weights"].values()):
                 raise ValueError(f"stage {i + 1}: all loss weights are zero ({stage['weights']}); nothing would train")
         _check_in_batch_negatives(cfg, plan, LOSSES)
+        build_losses(cfg, active_losses(plan))  # every used loss's settings, checked by the loss itself
     splits = ("train", *dev_splits(get_task(cfg.task))) if command != "evaluate" else ()
     check_data_files(get_task(cfg.task), Path(cfg.data_dir) if cfg.data_dir else None, splits)
     model_ref = cfg.model if command in ("finetune", "evaluate") else cfg.teacher
     _check_model_config(cfg, command, model_ref)
+
+
+def active_losses(plan: list) -> list[str]:
+    """The losses some stage of the plan trains with (weight > 0)."""
+    return sorted({name for stage in plan if stage["fraction"] > 0 for name, w in stage["weights"].items() if w > 0})
+
+
+def _check_losses_section(cfg: TrainConfig) -> None:
+    from .losses import LOSSES
+
+    if cfg.losses is None:
+        return
+    if not isinstance(cfg.losses, dict):
+        raise ValueError(f"losses must map loss names to their settings, got {cfg.losses!r}")
+    for name, entry in cfg.losses.items():
+        if name not in LOSSES:
+            raise ValueError(f"losses: unknown loss {name!r}; registered: {sorted(LOSSES)} (a loss from another "
+                             "module needs `plugins: [module]`)")
+        if entry is not None and not isinstance(entry, dict):
+            raise ValueError(f"losses.{name} must be a mapping of settings, got {entry!r}")
+        weight = (entry or {}).get("weight")
+        if weight is None:
+            continue
+        if cfg.stages is not None:
+            raise ValueError(f"losses.{name}.weight: the config sets explicit `stages` with their weights; "
+                             "give weights in one place")
+        values = list(weight) if isinstance(weight, (list, tuple)) else [weight]
+        if isinstance(weight, (list, tuple)) and len(values) != 2:
+            raise ValueError(f"losses.{name}.weight: one number, or one per stage (2), got {weight!r}")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+                   for v in values):
+            raise ValueError(f"losses.{name}.weight must be finite numbers >= 0, got {weight!r}")
 
 
 def _check_device(name: str):

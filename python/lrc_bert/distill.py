@@ -32,7 +32,7 @@ from torch import nn
 
 from .config import TrainConfig
 from .data import MODEL_INPUTS, model_inputs
-from .losses import LOSSES, LossInputs
+from .losses import LossInputs, build_losses
 from .method import decay_groups, run_step
 from .modeling import StudentWithProjections, build_student, export_student, representation, uniform_layer_map
 from .runtime import AUTOCAST_DTYPES, Runtime
@@ -40,6 +40,19 @@ from .tasks import TaskSpec, label_alignment
 from .teacher_cache import TeacherCache
 
 log = logging.getLogger("lrc_bert")
+
+
+def weighted_losses(losses: dict, weights: dict, x: LossInputs) -> tuple[torch.Tensor, dict]:
+    """(sum of weight x loss, {part: detached value}); a loss may add sub-parts (per layer)."""
+    parts, values = {}, {}
+    for name, loss in losses.items():
+        out = loss(x)
+        value, extra = out if isinstance(out, tuple) else (out, {})
+        values[name] = value
+        parts[name] = value.detach()
+        parts.update({k: v.detach() for k, v in extra.items()})
+    total = sum(weights[name] * value for name, value in values.items())
+    return total, parts
 
 
 class DistillMethod:
@@ -98,6 +111,9 @@ class DistillMethod:
             self.banks = {layer: cache.bank(layer, device, dtype) for layer in sorted(set(self.layer_map))}
         self.negative_generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.plan = cfg.stage_plan()
+        from .config import active_losses
+
+        self.losses = build_losses(cfg, active_losses(self.plan))
         self.total_steps = 0
         self._stage = None
         self._events: list[str] = []
@@ -160,8 +176,9 @@ class DistillMethod:
                             for t in self.layer_map]
 
     def _loss(self, model, batch, teacher_logits, teacher_reps, weights, neg_index):
-        need_reps = any(w > 0 and LOSSES[name].needs_representations for name, w in weights.items())
-        need_logits = any(w > 0 and not LOSSES[name].needs_representations for name, w in weights.items())
+        active = {name: self.losses[name] for name, w in weights.items() if w > 0}
+        need_reps = any(loss.needs_representations for loss in active.values())
+        need_logits = any(not loss.needs_representations for loss in active.values())
         with self.runtime.autocast():
             logits, layers = model(model_inputs(batch), need_logits, need_reps)
         s_reps, t_reps, banks = [], [], []
@@ -187,11 +204,8 @@ class DistillMethod:
         if self.alignment is not None:
             teacher_logits = teacher_logits.index_select(1, self.alignment)
         x = LossInputs(logits, teacher_logits, batch["labels"], s_reps, t_reps, neg_index,
-                       self.task.is_regression, self.cfg.temperature, self.cfg.soft_loss_t2, self.cfg.loss_backend,
-                       banks)
-        parts = {name: LOSSES[name](x) for name, w in weights.items() if w > 0}
-        total = sum(weights[name] * value for name, value in parts.items())
-        return total, {k: v.detach() for k, v in parts.items()}
+                       self.task.is_regression, banks, self.layer_map)
+        return weighted_losses(active, weights, x)
 
     def prepare_step(self, batch, step):
         """Host side: the stage, the teacher's cached rows and the negative indices."""

@@ -266,7 +266,11 @@ class Trainer:
         ignore = {"output", "resume", "device", "max_steps", "epochs", "eval_steps", "save_steps", "keep_checkpoints",
                   "logging_steps", "tensorboard", "cache_dir", "data_dir", "loss_backend", "grad_accum_steps",
                   "compile_student", "teacher_cache", "cuda_graphs", "overwrite_output"}
-        changed = {k: (saved.get(k), v) for k, v in self.cfg.to_dict().items() if k not in ignore and saved.get(k) != v}
+        now = self.cfg.to_dict()
+        for values in (saved, now):  # the op's backend may change on resume, here as for --loss-backend
+            values["losses"] = {name: {k: v for k, v in (entry or {}).items() if k != "backend"}
+                                for name, entry in (values.get("losses") or {}).items()} or None
+        changed = {k: (saved.get(k), v) for k, v in now.items() if k not in ignore and saved.get(k) != v}
         if changed:
             raise ValueError(f"--resume: these settings differ from the checkpoint's {path}: "
                              + ", ".join(f"{k} (was {a!r}, now {b!r})" for k, (a, b) in changed.items()))
