@@ -319,7 +319,7 @@ def test_bank_negatives_are_indexed_draws_over_the_training_set(teacher, cache, 
     n = stored.num_examples
     index = torch.tensor([0, 1, n - 1, 50])
     for _ in range(20):
-        neg = method._negatives(4, index)
+        neg = method._negatives(4, index, torch.zeros(4, dtype=torch.long))
         assert neg.shape == (4, 7) and int(neg.min()) >= 0 and int(neg.max()) < n
         assert not (neg == index[:, None]).any()  # never the sample itself
     # The loss the trainer computes is COS-NCE against exactly those bank rows.

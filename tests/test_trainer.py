@@ -103,7 +103,7 @@ def test_stage_switch_at_the_right_step(teacher, tmp_path):
 
 def test_sampled_negatives(teacher, tmp_path):
     method, batch = make_method(teacher, tmp_path, num_negatives=2, perturb_eps=0.0)
-    index = method._negatives(4, None)
+    index = method._negatives(4, None, batch["labels"])
     assert index.shape == (4, 2)
     assert all(b not in index[b].tolist() for b in range(4))
     parts = method.train_step(batch, 0)

@@ -63,6 +63,8 @@ DISTILL_HELP = {
     "num_negatives": "K negatives sampled per row from the batch (default: all B - 1), or drawn from the bank",
     "negative_source": "batch: other rows of the batch (default); bank: K rows per sample drawn from the cached "
                        "teacher representations of the whole training set (needs --teacher-cache)",
+    "negatives": "any: every other row may be a negative (default); other-label: only rows of another class "
+                 "(no false negatives; K per row, refilled from those rows when fewer)",
     "teacher_cache": "folder written by `lrc-bert cache-teacher`: the teacher's outputs are read from it and "
                      "the teacher never runs",
     "loss_backend": "lrc_kernels backend for COS-NCE: auto (default), torch, triton, cpp, cuda",
@@ -90,7 +92,8 @@ def _add_settings(parser: argparse.ArgumentParser, helps: dict) -> None:
             continue
         kind = _value_type(name)
         choices = {"representation": ["sequence", "cls"], "perturb_mode": ["replace", "add"],
-                   "precision": ["fp32", "bf16", "fp16"], "negative_source": ["batch", "bank"]}.get(name)
+                   "precision": ["fp32", "bf16", "fp16"], "negative_source": ["batch", "bank"],
+                   "negatives": ["any", "other-label"]}.get(name)
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, choices=choices,
                             help=text)
 

@@ -63,6 +63,7 @@ class TrainConfig:
     representation: str = "sequence"  # "sequence" (whole layer, masked) or "cls"
     num_negatives: Optional[int] = None  # K sampled per row; None: all B - 1 in-batch negatives
     negative_source: str = "batch"  # "batch" (other rows of the batch) or "bank" (the cached training set)
+    negatives: str = "any"  # "any" other row, or "other-label": rows of another class only (negatives.py)
     global_negatives: bool = False  # under torchrun: negatives from the global batch (all ranks)
     teacher_cache: Optional[str] = None  # folder written by `lrc-bert cache-teacher`; the teacher then never runs
     loss_backend: str = "auto"
@@ -188,7 +189,6 @@ def _check_model_ref(name: str, ref: Optional[str]) -> None:
 
 def validate(cfg: TrainConfig, command: str) -> None:
     """Every setting the command uses, with errors naming it; raises before any work starts."""
-    from .losses import LOSSES, build_losses, import_plugins
 
     if cfg.task not in TASK_NAMES:
         raise ValueError(f"task must be one of {', '.join(TASK_NAMES)}; got {cfg.task!r}")
@@ -239,6 +239,13 @@ def validate(cfg: TrainConfig, command: str) -> None:
         _choice(cfg, "perturb_mode", ("replace", "add"))
         _number(cfg, "num_negatives", minimum=1, integer=True, optional=True)
         _choice(cfg, "negative_source", ("batch", "bank"))
+        _choice(cfg, "negatives", ("any", "other-label"))
+        if cfg.negatives == "other-label":
+            if get_task(cfg.task).is_regression:
+                raise ValueError(f"negatives other-label needs classes; {cfg.task} is a regression task")
+            if cfg.negative_source != "batch" or cfg.global_negatives:
+                raise ValueError("negatives other-label draws from the local batch, whose labels it reads: use "
+                                 "negative_source batch without global_negatives")
         if cfg.negative_source == "bank":
             if cfg.teacher_cache is None:
                 raise ValueError("negative_source bank draws negatives from the cached teacher outputs: "
@@ -269,26 +276,33 @@ def validate(cfg: TrainConfig, command: str) -> None:
         if cfg.layer_map is not None and (not isinstance(cfg.layer_map, list)
                                           or not all(isinstance(i, int) and i >= 1 for i in cfg.layer_map)):
             raise ValueError(f"layer_map must be a list of teacher layers (1-based ints), got {cfg.layer_map!r}")
-        import_plugins(cfg.plugins)
-        _check_losses_section(cfg)
-        plan = cfg.stage_plan()
-        total = sum(s["fraction"] for s in plan)
-        if any(s["fraction"] < 0 for s in plan) or abs(total - 1.0) > 1e-6:
-            raise ValueError(f"stage fractions must be >= 0 and sum to 1, got {[s['fraction'] for s in plan]}")
-        for i, stage in enumerate(plan):
-            unknown = sorted(set(stage["weights"]) - set(LOSSES))
-            if unknown:
-                raise ValueError(f"stage {i + 1}: unknown losses {unknown}; registered: {sorted(LOSSES)}")
-            if any(w < 0 for w in stage["weights"].values()):
-                raise ValueError(f"stage {i + 1}: loss weights must be >= 0, got {stage['weights']}")
-            if stage["fraction"] > 0 and not any(w > 0 for w in stage["weights"].values()):
-                raise ValueError(f"stage {i + 1}: all loss weights are zero ({stage['weights']}); nothing would train")
-        _check_in_batch_negatives(cfg, plan, LOSSES)
-        build_losses(cfg, active_losses(plan))  # every used loss's settings, checked by the loss itself
+        check_loss_plan(cfg)
     splits = ("train", *dev_splits(get_task(cfg.task))) if command != "evaluate" else ()
     check_data_files(get_task(cfg.task), Path(cfg.data_dir) if cfg.data_dir else None, splits)
     model_ref = cfg.model if command in ("finetune", "evaluate") else cfg.teacher
     _check_model_config(cfg, command, model_ref)
+
+
+def check_loss_plan(cfg: TrainConfig) -> tuple[list, dict]:
+    """The stage plan and the loss objects of a run, every weight and setting checked by name."""
+    from .losses import LOSSES, build_losses, import_plugins
+
+    import_plugins(cfg.plugins)
+    _check_losses_section(cfg)
+    plan = cfg.stage_plan()
+    total = sum(s["fraction"] for s in plan)
+    if any(s["fraction"] < 0 for s in plan) or abs(total - 1.0) > 1e-6:
+        raise ValueError(f"stage fractions must be >= 0 and sum to 1, got {[s['fraction'] for s in plan]}")
+    for i, stage in enumerate(plan):
+        unknown = sorted(set(stage["weights"]) - set(LOSSES))
+        if unknown:
+            raise ValueError(f"stage {i + 1}: unknown losses {unknown}; registered: {sorted(LOSSES)}")
+        if any(w < 0 for w in stage["weights"].values()):
+            raise ValueError(f"stage {i + 1}: loss weights must be >= 0, got {stage['weights']}")
+        if stage["fraction"] > 0 and not any(w > 0 for w in stage["weights"].values()):
+            raise ValueError(f"stage {i + 1}: all loss weights are zero ({stage['weights']}); nothing would train")
+    _check_in_batch_negatives(cfg, plan, LOSSES)
+    return plan, build_losses(cfg, active_losses(plan))  # every used loss's settings, checked by the loss
 
 
 def active_losses(plan: list) -> list[str]:

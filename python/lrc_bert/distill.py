@@ -28,31 +28,18 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .config import TrainConfig
 from .data import MODEL_INPUTS, model_inputs
-from .losses import LossInputs, build_losses
+from .lrc_loss import EmbeddingPerturbation, LRCDistillationLoss, stage_index
 from .method import decay_groups, run_step
-from .modeling import StudentWithProjections, build_student, export_student, representation, uniform_layer_map
+from .negatives import sample_in_batch
+from .modeling import StudentWithProjections, build_student, export_student, representation
 from .runtime import AUTOCAST_DTYPES, Runtime
 from .tasks import TaskSpec, label_alignment
 from .teacher_cache import TeacherCache
 
 log = logging.getLogger("lrc_bert")
-
-
-def weighted_losses(losses: dict, weights: dict, x: LossInputs) -> tuple[torch.Tensor, dict]:
-    """(sum of weight x loss, {part: detached value}); a loss may add sub-parts (per layer)."""
-    parts, values = {}, {}
-    for name, loss in losses.items():
-        out = loss(x)
-        value, extra = out if isinstance(out, tuple) else (out, {})
-        values[name] = value
-        parts[name] = value.detach()
-        parts.update({k: v.detach() for k, v in extra.items()})
-    total = sum(weights[name] * value for name, value in values.items())
-    return total, parts
 
 
 class DistillMethod:
@@ -69,25 +56,19 @@ class DistillMethod:
         self.cache = cache
         self.teacher = None if cache is not None else teacher.to(device).eval().requires_grad_(False)
         self.student = build_student(cfg, teacher_config, task).to(device)
-        n_t, n_s = teacher_config.num_hidden_layers, self.student.config.num_hidden_layers
-        self.layer_map = list(cfg.layer_map) if cfg.layer_map is not None else uniform_layer_map(n_s, n_t)
-        if len(self.layer_map) != n_s or not all(1 <= t <= n_t for t in self.layer_map):
-            raise ValueError(f"layer_map must give one teacher layer in 1..{n_t} for each of the {n_s} student "
-                             f"layers, got {self.layer_map}")
+        # The loss, its stages and the projections: the same module other trainers import.
+        self.criterion = LRCDistillationLoss(teacher_config, self.student.config, config=cfg,
+                                             regression=task.is_regression).to(device)
+        self.layer_map, self.projections, self.plan = self.criterion.layer_map, self.criterion.projections, \
+            self.criterion.plan
         if cache is not None:
             cache.check_layers(self.layer_map)
-        d_s, d_t = self.student.config.hidden_size, teacher_config.hidden_size
-        self.projections = nn.ModuleList(nn.Linear(d_s, d_t) for _ in self.layer_map).to(device)
         self.modules = {"student": self.student, "projections": self.projections}
-        self.embeddings = getattr(self.student.base_model, "embeddings", None)
-        if cfg.perturb_eps > 0 and self.embeddings is None:
+        embeddings = getattr(self.student.base_model, "embeddings", None)
+        if cfg.perturb_eps > 0 and embeddings is None:
             raise ValueError("gradient perturbation needs a student with an `embeddings` module (BERT-like); "
                              "set --perturb-eps 0 to train without it")
-        # Perturbation adds self._delta to the embedding output through one persistent hook
-        # (no hooks added per step, so a compiled student keeps its graphs).
-        self._delta: Optional[torch.Tensor] = None
-        if self.embeddings is not None:
-            self.embeddings.register_forward_hook(self._add_delta)
+        self.perturbation = EmbeddingPerturbation(embeddings) if embeddings is not None else None
         self.trained = StudentWithProjections(self.student, self.projections)
         if cfg.compile_student:
             # The encoder only: the Hugging Face model gathers hidden_states through hooks and
@@ -109,11 +90,7 @@ class DistillMethod:
         if cfg.negative_source == "bank":
             dtype = AUTOCAST_DTYPES[cfg.precision] or torch.float32
             self.banks = {layer: cache.bank(layer, device, dtype) for layer in sorted(set(self.layer_map))}
-        self.negative_generator = torch.Generator().manual_seed(cfg.seed + 1)
-        self.plan = cfg.stage_plan()
-        from .config import active_losses
-
-        self.losses = build_losses(cfg, active_losses(self.plan))
+        self.negative_generator = self.criterion.generator
         self.total_steps = 0
         self._stage = None
         self._events: list[str] = []
@@ -122,13 +99,8 @@ class DistillMethod:
     # ------------------------------------------------------------------ schedule
 
     def stage_at(self, step: int) -> int:
-        """0-based stage of a 0-based step: stage s covers its fraction of the total steps."""
-        edge = 0.0
-        for index, stage in enumerate(self.plan):
-            edge += stage["fraction"]
-            if step < round(edge * self.total_steps):
-                return index
-        return len(self.plan) - 1
+        """0-based stage of a 0-based step."""
+        return stage_index(self.plan, step, self.total_steps)
 
     def pop_events(self) -> list[str]:
         events, self._events = self._events, []
@@ -139,13 +111,7 @@ class DistillMethod:
 
     # ------------------------------------------------------------------ negatives
 
-    def _sample_in_batch(self, rows: int, k: int) -> torch.Tensor:
-        """[rows, k] distinct other rows of a batch of ``rows`` (drawn from the shared generator)."""
-        scores = torch.rand(rows, rows, generator=self.negative_generator)
-        scores.fill_diagonal_(-1.0)  # never the row itself
-        return scores.topk(k, dim=1).indices
-
-    def _negatives(self, batch_size: int, index: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    def _negatives(self, batch_size: int, index: Optional[torch.Tensor], labels: torch.Tensor) -> Optional[torch.Tensor]:
         """neg_index (on the host): the rows of the negative pool (the bank, the global batch or
         the local batch) each local row uses. None: all other rows of the local batch."""
         cfg, world, rank = self.cfg, self.runtime.world_size, self.runtime.rank
@@ -159,11 +125,14 @@ class DistillMethod:
             if cfg.num_negatives is None:
                 others = torch.arange(pool).expand(pool, pool)[~torch.eye(pool, dtype=torch.bool)].view(pool, pool - 1)
             else:  # every rank draws the same global matrix and keeps its own rows
-                others = self._sample_in_batch(pool, min(cfg.num_negatives, pool - 1))
+                others = sample_in_batch(pool, min(cfg.num_negatives, pool - 1), self.negative_generator)
             return others[offset:offset + batch_size]
-        if cfg.num_negatives is None:
-            return None
-        return self._sample_in_batch(batch_size, min(cfg.num_negatives, batch_size - 1))
+        fallback = self.criterion.fallback_rows
+        index = self.criterion.sample_negatives(labels, batch_size)
+        if self.criterion.fallback_rows > fallback:
+            self._events.append(f"other-label negatives: {self.criterion.fallback_rows - fallback} rows had no "
+                                "other class in their batch and drew any other row")
+        return index
 
     # ------------------------------------------------------------------ loss
 
@@ -176,9 +145,7 @@ class DistillMethod:
                             for t in self.layer_map]
 
     def _loss(self, model, batch, teacher_logits, teacher_reps, weights, neg_index):
-        active = {name: self.losses[name] for name, w in weights.items() if w > 0}
-        need_reps = any(loss.needs_representations for loss in active.values())
-        need_logits = any(not loss.needs_representations for loss in active.values())
+        need_logits, need_reps = self.criterion.needs(weights)
         with self.runtime.autocast():
             logits, layers = model(model_inputs(batch), need_logits, need_reps)
         s_reps, t_reps, banks = [], [], []
@@ -203,9 +170,8 @@ class DistillMethod:
                 s_reps.append(s), t_reps.append(t), banks.append(bank)
         if self.alignment is not None:
             teacher_logits = teacher_logits.index_select(1, self.alignment)
-        x = LossInputs(logits, teacher_logits, batch["labels"], s_reps, t_reps, neg_index,
-                       self.task.is_regression, banks, self.layer_map)
-        return weighted_losses(active, weights, x)
+        return self.criterion.combine(weights, logits, teacher_logits, batch["labels"], s_reps, t_reps, neg_index,
+                                      banks)
 
     def prepare_step(self, batch, step):
         """Host side: the stage, the teacher's cached rows and the negative indices."""
@@ -215,7 +181,7 @@ class DistillMethod:
                 self._events.append(f"stage {stage + 1} begins: weights {self.plan[stage]['weights']}")
             self._stage = stage
         inputs = {"batch": {k: batch[k] for k in (*MODEL_INPUTS, "labels") if k in batch},
-                  "neg_index": self._negatives(batch["input_ids"].shape[0], batch.get("index")),
+                  "neg_index": self._negatives(batch["input_ids"].shape[0], batch.get("index"), batch["labels"]),
                   "teacher": None}
         if self.cache is not None:
             inputs["teacher"] = self.cache.rows(batch["index"], self.layer_map, torch.device("cpu"),
@@ -241,29 +207,16 @@ class DistillMethod:
             loss, parts = self._loss(self.model, *args)
             self.runtime.backward(loss)
             return {"loss": loss.detach(), **parts}
-        # Pass 1, outside DDP (its gradients stay local, like no_sync): g = dL/de, taken as the
-        # gradient with respect to a zero perturbation added to e.
-        e_shape = (*batch["input_ids"].shape, self.student.config.hidden_size)
-        probe = torch.zeros(e_shape, device=self.device, requires_grad=True)
-        try:
-            self._delta = probe
-            loss, parts = self._loss(self.trained, *args)
-            if self.cfg.perturb_mode == "replace":
-                g = self.runtime.grad(loss, probe)  # scaled: no fp16 underflow; only g's direction is used
-            else:
-                self.runtime.backward(loss)
-                g = probe.grad
-            norm = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (g.dim() - 1)))
-            # Pass 2: the loss at e + delta; its gradient (synchronised by DDP) updates the parameters.
-            self._delta = (eps * g / norm).detach()
-            loss_adv, parts_adv = self._loss(self.model, *args)
-        finally:
-            self._delta = None
-        self.runtime.backward(loss_adv)
+        # Pass 1 outside DDP (its gradients stay local, like no_sync) gives g = dL/de; pass 2, at
+        # e + eps g / ||g||, runs through DDP, and its gradient updates the parameters.
+        runtime = self.runtime
+        (loss, parts), (loss_adv, _) = self.perturbation.losses(
+            lambda: self._loss(self.trained, *args), eps, self.cfg.perturb_mode,
+            perturbed=lambda: self._loss(self.model, *args),
+            grad=lambda pair, x, retain: runtime.grad(pair[0], x),  # scaled: no fp16 underflow
+            backward=lambda pair: runtime.backward(pair[0]))
+        runtime.backward(loss_adv)
         return {"loss": loss.detach(), **parts, "loss_perturbed": loss_adv.detach()}
-
-    def _add_delta(self, module, inputs, output):
-        return output if self._delta is None else output + self._delta.to(output.dtype)
 
     def predict(self, batch):
         with self.runtime.autocast():
