@@ -91,12 +91,20 @@ class DistillMethod:
             dtype = AUTOCAST_DTYPES[cfg.precision] or torch.float32
             self.banks = {layer: cache.bank(layer, device, dtype) for layer in sorted(set(self.layer_map))}
         self.negative_generator = self.criterion.generator
-        self.total_steps = 0
+        self.total_steps = 0  # set by the trainer; the criterion places steps in stages with it
         self._stage = None
         self._events: list[str] = []
         log.info("layer map (student -> teacher): %s", self.layer_map)
 
     # ------------------------------------------------------------------ schedule
+
+    @property
+    def total_steps(self) -> int:
+        return self.criterion.total_steps
+
+    @total_steps.setter
+    def total_steps(self, value: int) -> None:
+        self.criterion.total_steps = value
 
     def stage_at(self, step: int) -> int:
         """0-based stage of a 0-based step."""
