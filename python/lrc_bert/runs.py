@@ -88,9 +88,12 @@ def run_training(cfg: TrainConfig, command: str, resume: bool = False, on_step=N
 
             from .checkpoint import atomic_directory
 
+            from .model_card import write_model_card
+
             with atomic_directory(export) as tmp:
                 for item in best.iterdir():
                     shutil.copy2(item, tmp / item.name)
+                write_model_card(tmp, cfg, command, task, trainer.best, trainer.main_key)
             log.info("exported the best model (step %s, %s = %s) to %s", trainer.best["step"], trainer.main_key,
                      trainer.best["value"], export)
         return final
