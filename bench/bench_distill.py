@@ -87,7 +87,8 @@ class _NoTokenizer:
 
 
 def make_trainer(size: str, teacher, device, precision: str, backend: str, cache_dir, compile_student: bool,
-                 train_set, cuda_graphs: bool = False):
+                 train_set, cuda_graphs: bool = False, **overrides):
+    """A Trainer over the distillation method; ``overrides`` are further TrainConfig settings."""
     from lrc_bert.config import build_config
     from lrc_bert.distill import DistillMethod
     from lrc_bert.runtime import Runtime
@@ -100,8 +101,8 @@ def make_trainer(size: str, teacher, device, precision: str, backend: str, cache
                        teacher="(in memory)", batch_size=batch, max_length=seq, precision=precision,
                        loss_backend=backend, student_layers=sl, student_hidden=sw, student_heads=sh,
                        student_intermediate=sf, teacher_cache=str(cache_dir) if cache_dir else None,
-                       compile_student=compile_student, cuda_graphs=cuda_graphs, stage1_fraction=0.0,
-                       max_steps=10**6, tensorboard=False)
+                       compile_student=compile_student, cuda_graphs=cuda_graphs, max_steps=10**6,
+                       tensorboard=False, **{"stage1_fraction": 0.0, **overrides})
     runtime = Runtime(device, precision)
     cache = TeacherCache(cache_dir) if cache_dir else None
     torch.manual_seed(0)

@@ -46,10 +46,7 @@ def main() -> None:
         variants = {"fused bf16 + cache": {}, "  without perturbation": {"perturb_eps": 0.0},
                     "  stage 1 (COS-NCE only)": {"stage1_fraction": 1.0}}
         for name, overrides in variants.items():
-            trainer = bd.make_trainer(args.size, teacher, device, "bf16", "auto", cache, False, train_set)
-            for key, value in overrides.items():
-                setattr(trainer.cfg, key, value)
-                trainer.method.plan = trainer.cfg.stage_plan()
+            trainer = bd.make_trainer(args.size, teacher, device, "bf16", "auto", cache, False, train_set, **overrides)
             print(f"{name}: {step_ms(trainer, device):.1f} ms/step", flush=True)
         trainer = bd.make_trainer(args.size, teacher, device, "bf16", "auto", cache, False, train_set)
         it = trainer.batches(0)
