@@ -145,6 +145,32 @@ def make_parser() -> argparse.ArgumentParser:
                        **{k: DISTILL_HELP[k] for k in ("representation", "student_layers")}})
     _add_layer_map(ct)
 
+    gl = sub.add_parser("glue", help="a whole GLUE distillation: per task, fine-tune the teacher, distill the "
+                        "student, evaluate both; the paper's table and the leaderboard files")
+    gl.add_argument("--teacher-base", dest="teacher_base", required=True,
+                    help="pretrained encoder each task's teacher is fine-tuned from (local path or hub name)")
+    gl.add_argument("--output", required=True, help="run folder: <task>/..., results.md, results.json, glue_submission/")
+    gl.add_argument("--data-dir", dest="data_dir", default=None,
+                    help="the official GLUE folder (CoLA/, SST-2/, MRPC/, STS-B/, QQP/, MNLI/, QNLI/, RTE/, WNLI/, "
+                         "diagnostic/); default: the hub's glue dataset")
+    gl.add_argument("--tasks", default="all", help="all (default) or a comma-separated list, e.g. cola,sst2,mrpc")
+    gl.add_argument("--general-student", dest="general_student", default=None,
+                    help="a general-distilled student to start every task from (LRC-BERT); default: random init "
+                         "(LRC-BERT1)")
+    gl.add_argument("--teachers", default=None, help="reuse DIR/<task>/model as the teacher where it exists")
+    gl.add_argument("--config", default=None, metavar="YAML",
+                    help="settings for every task and stage, per stage (finetune:, distill:) and per task (tasks:); "
+                         "the shipped `glue` holds the defaults")
+    gl.add_argument("--predict-test", dest="predict_test", action="store_true",
+                    help="also predict the unlabelled test sets: glue_submission/*.tsv and glue_submission.zip")
+    gl.add_argument("--seeds", type=int, default=1, help="students per task, seeds seed..seed+N-1 (mean ± std)")
+    gl.add_argument("--fail-fast", dest="fail_fast", action="store_true",
+                    help="stop at the first failed task (default: report it and go on)")
+    gl.add_argument("--latency-repeats", dest="latency_repeats", type=int, default=20,
+                    help="interleaved timings per model for the latency columns (default 20)")
+    _add_settings(gl, {k: v for k, v in {**COMMON_HELP, **DISTILL_HELP}.items()
+                       if k not in ("task", "data_dir", "config", "student_init")})
+
     ev = sub.add_parser("evaluate", help="evaluate a saved model; prints one JSON line of metrics")
     ev.add_argument("--model", required=True, help="model folder (finetune's model/, distill's student/)")
     ev.add_argument("--split", choices=["dev", "test"], default="dev",
@@ -182,6 +208,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if args.command == "glue":
+            from .glue import run_glue
+
+            names = (set(COMMON_HELP) | set(DISTILL_HELP)) - {"task", "data_dir", "config", "student_init"}
+            return run_glue(args, {k: v for k, v in vars(args).items() if k in names and v is not None})
         cfg = config_from_args(args)
         if args.command == "evaluate":
             print(json.dumps({"task": cfg.task, "model": cfg.model, **run_evaluate(cfg, args.split)}))

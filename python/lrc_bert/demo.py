@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import time
 from pathlib import Path
 
@@ -39,22 +38,6 @@ def default_teacher_model() -> str:
     return str(path) if (path / "config.json").is_file() else HUB_TEACHER
 
 
-def latency_ms(model, tokenizer, batch_size: int, length: int, repeats: int = 10) -> float:
-    import torch
-
-    text = ["a man is playing a guitar on a stage in front of a crowd ."] * batch_size
-    inputs = tokenizer(text, text, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
-    model.eval()
-    times = []
-    with torch.inference_mode():
-        model(**inputs)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model(**inputs)
-            times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", default="runs/demo", help="run folder (default runs/demo)")
@@ -75,8 +58,9 @@ def main(argv=None) -> int:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from .runs import run_evaluate, run_training
     from .config import build_config
+    from .latency import compare_latency, speedup
+    from .runs import run_evaluate, run_training
 
     out = Path(args.output)
     teacher_ref = args.teacher_model or default_teacher_model()
@@ -93,25 +77,33 @@ def main(argv=None) -> int:
     run_training(build_config(None, **common, teacher=str(out / "teacher" / "model"), output=str(out / "student"),
                               batch_size=16, learning_rate=3e-4, max_steps=steps["student"]), "distill")
     print("[3/4] evaluating both on the held-out SNLI test pairs", flush=True)
-    rows = {}
+    rows, models = {}, {}
     for name, folder in (("teacher (MiniLM-L6)", out / "teacher" / "model"), ("student (LRC-BERT 4x312)",
                                                                                out / "student" / "student")):
         metrics = run_evaluate(build_config(None, task="snli", model=str(folder), data_dir=args.data_dir,
                                             max_length=length, eval_batch_size=128), "test")
-        model = AutoModelForSequenceClassification.from_pretrained(folder)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        rows[name] = {"params": sum(p.numel() for p in model.parameters()), "accuracy": metrics["test/accuracy"],
-                      "ms_b1": latency_ms(model, tokenizer, 1, length), "ms_b32": latency_ms(model, tokenizer, 32, length)}
+        models[name] = AutoModelForSequenceClassification.from_pretrained(folder)
+        rows[name] = {"params": sum(p.numel() for p in models[name].parameters()),
+                      "accuracy": metrics["test/accuracy"]}
+    tokenizer = AutoTokenizer.from_pretrained(out / "student" / "student")
+    speed = {}
+    for batch in (1, 32):  # the two models timed interleaved, medians (latency.py)
+        times = compare_latency(models, tokenizer, batch, length, repeats=30 if batch == 1 else 10)
+        for name in models:
+            rows[name][f"ms_b{batch}"] = times[name]["median_ms"]
+        speed[batch] = speedup(*times.values())
     print(f"[4/4] done in {(time.time() - started) / 60:.1f} min on {torch.get_num_threads()} CPU threads\n")
     teacher, student = rows.values()
-    print("| model | parameters | test accuracy | retention | CPU ms, batch 1 | CPU ms, batch 32 |")
+    print("| model (variant) | parameters | test accuracy | retention | CPU ms, batch 1 | CPU ms, batch 32 |")
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():
-        print(f"| {name} | {r['params'] / 1e6:.1f}M | {100 * r['accuracy']:.1f}% | "
+        label = name if "teacher" in name else f"{name}, LRC-BERT1 (task distillation from a random init)"
+        print(f"| {label} | {r['params'] / 1e6:.1f}M | {100 * r['accuracy']:.1f}% | "
               f"{100 * r['accuracy'] / teacher['accuracy']:.1f}% | {r['ms_b1']:.1f} | {r['ms_b32']:.1f} |")
-    print(f"\nstudent: {teacher['params'] / student['params']:.1f}x smaller, "
-          f"{teacher['ms_b1'] / student['ms_b1']:.1f}x faster at batch 1, "
-          f"{teacher['ms_b32'] / student['ms_b32']:.1f}x at batch 32 (sequence length {length})")
+    faster = {b: f"{v:.1f}x faster" if v else "speed not measurable (timings too spread on this busy machine)"
+              for b, v in speed.items()}
+    print(f"\nstudent: {teacher['params'] / student['params']:.1f}x smaller, {faster[1]} at batch 1, "
+          f"{faster[32]} at batch 32 (sequence length {length}; medians of interleaved timings)")
     (out / "summary.json").write_text(json.dumps(rows, indent=2) + "\n")
     student_dir = (out / "student" / "student").resolve()
     print(f"\nThe exported student is in {student_dir}. Load it with:\n"
