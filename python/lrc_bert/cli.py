@@ -54,7 +54,8 @@ CUDA_GRAPHS_HELP = ("replay each training step as one CUDA graph (one process, f
 DISTILL_HELP = {
     "student_config": "transformers config JSON for the student (default: BERT 4 layers, 312 wide, 12 heads, "
                       "FFN 1200, the teacher's vocabulary)",
-    "student_init": "a pretrained student (path or hub name) instead of a random init",
+    "student_init": "a pretrained student (path or hub name) instead of a random init: a general-distill student "
+                    "(OUTPUT/student) makes the run LRC-BERT; without it, LRC-BERT1",
     "student_layers": "student layers for the default config (default 4)",
     "student_hidden": "student width for the default config (default 312)",
     "student_heads": "student attention heads for the default config (default 12)",
@@ -76,6 +77,21 @@ DISTILL_HELP = {
     "perturb_eps": "norm of the per-example gradient perturbation of the embedding output (default 1.0; 0: off)",
     "perturb_mode": "replace: train on the perturbed gradient only (the paper); add: clean + perturbed (FGM)",
 }
+
+
+GENERAL_HELP = {
+    "dataset": "a text dataset for datasets.load_dataset (e.g. wikitext), instead of --corpus",
+    "dataset_config": "the dataset's configuration (e.g. wikitext-103-raw-v1)",
+    "dataset_split": "the dataset's split (default train)",
+    "text_column": "the dataset's text column (default text)",
+    "validation_fraction": "fraction of the packed sequences held out to judge checkpoints (default 0.01)",
+}
+GENERAL_FROM = ("epochs", "max_steps", "batch_size", "grad_accum_steps", "precision", "eval_batch_size", "learning_rate",
+                "weight_decay", "warmup_ratio", "max_grad_norm", "seed", "eval_steps", "save_steps",
+                "keep_checkpoints", "logging_steps", "device", "cache_dir", "config")
+GENERAL_DISTILL_FROM = ("student_config", "student_init", "student_layers", "student_hidden", "student_heads",
+                        "student_intermediate", "representation", "num_negatives", "loss_backend", "alpha",
+                        "perturb_eps", "perturb_mode")
 
 
 def _value_type(name: str):
@@ -135,6 +151,8 @@ def make_parser() -> argparse.ArgumentParser:
                     help=CUDA_GRAPHS_HELP)
     ds.add_argument("--global-negatives", dest="global_negatives", action="store_true", default=None,
                     help="under torchrun: COS-NCE negatives from the global batch (teacher rows all-gathered)")
+    ds.add_argument("--reinit-projections", dest="reinit_projections", action="store_true", default=None,
+                    help="with --student-init: do not load the projections saved beside it")
 
     ct = sub.add_parser("cache-teacher", help="run the teacher once over the training set and store its logits "
                         "and mapped-layer representations (fp16 memory maps) for distill --teacher-cache")
@@ -170,6 +188,29 @@ def make_parser() -> argparse.ArgumentParser:
                     help="interleaved timings per model for the latency columns (default 20)")
     _add_settings(gl, {k: v for k, v in {**COMMON_HELP, **DISTILL_HELP}.items()
                        if k not in ("task", "data_dir", "config", "student_init")})
+
+    gd = sub.add_parser("general-distill", help="LRC-BERT's pre-training stage: distill a general student from a "
+                        "general encoder on unlabeled text (-> OUTPUT/student, with its projections)")
+    gd.add_argument("--teacher", required=True, help="a general (not fine-tuned) encoder: local path or hub name")
+    gd.add_argument("--output", required=True, help="run folder: metrics.jsonl, checkpoints/, student/, corpus_cache/")
+    gd.add_argument("--corpus", nargs="+", default=None, metavar="PATH",
+                    help="plain-text files or folders of .txt files: one document per line, or documents separated "
+                         "by blank lines")
+    gd.add_argument("--dataset-streaming", dest="dataset_streaming", action="store_true", default=None,
+                    help="stream --dataset (for corpora that do not fit in memory)")
+    gd.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint in OUTPUT")
+    _add_overwrite(gd)
+    _add_settings(gd, {**{k: COMMON_HELP[k] for k in GENERAL_FROM}, **{k: DISTILL_HELP[k] for k in GENERAL_DISTILL_FROM},
+                       **GENERAL_HELP, "max_length": "tokens per packed sequence, [CLS] and [SEP] included (default "
+                                                     "128)"})
+    _add_layer_map(gd)
+    gd.add_argument("--map-embeddings", dest="map_embeddings", action="store_true", default=None,
+                    help="also map the embedding outputs (layer 0 -> 0) with their own projection")
+    gd.add_argument("--cuda-graphs", dest="cuda_graphs", action="store_true", default=None, help=CUDA_GRAPHS_HELP)
+    gd.add_argument("--global-negatives", dest="global_negatives", action="store_true", default=None,
+                    help="under torchrun: COS-NCE negatives from the global batch")
+    gd.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=None,
+                    help="do not write TensorBoard scalars")
 
     ev = sub.add_parser("evaluate", help="evaluate a saved model; prints one JSON line of metrics")
     ev.add_argument("--model", required=True, help="model folder (finetune's model/, distill's student/)")
@@ -216,6 +257,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg = config_from_args(args)
         if args.command == "evaluate":
             print(json.dumps({"task": cfg.task, "model": cfg.model, **run_evaluate(cfg, args.split)}))
+        elif args.command == "general-distill":
+            from .general import run_general_distill
+
+            final = run_general_distill(cfg, resume=args.resume)
+            if final:
+                print(json.dumps({"output": cfg.output, **final}))
         elif args.command == "cache-teacher":
             print(json.dumps({"task": cfg.task, "teacher_cache": str(run_cache_teacher(cfg))}))
         else:

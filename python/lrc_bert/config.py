@@ -54,12 +54,14 @@ class TrainConfig:
     # --- distill
     teacher: Optional[str] = None
     student_config: Optional[str] = None  # a transformers config JSON
-    student_init: Optional[str] = None  # a pretrained student to start from
+    student_init: Optional[str] = None  # a pretrained student to start from (a general-distill student: LRC-BERT)
+    reinit_projections: bool = False  # do not load the projections saved beside --student-init
     student_layers: int = 4
     student_hidden: int = 312
     student_heads: int = 12
     student_intermediate: int = 1200
     layer_map: Optional[list] = None  # teacher layer (1-based) per student layer; None: uniform
+    map_embeddings: bool = False  # also map the embedding outputs (layer 0 -> 0), with their own projection
     representation: str = "sequence"  # "sequence" (whole layer, masked) or "cls"
     num_negatives: Optional[int] = None  # K sampled per row; None: all B - 1 in-batch negatives
     negative_source: str = "batch"  # "batch" (other rows of the batch) or "bank" (the cached training set)
@@ -76,6 +78,15 @@ class TrainConfig:
     stages: Optional[list] = None  # explicit [{fraction, weights: {loss: w}}]; default from alpha/beta/gamma
     perturb_eps: float = 1.0  # norm of the per-example embedding perturbation; 0 disables it
     perturb_mode: str = "replace"  # "replace" the clean gradient (paper) or "add" both (FGM)
+    # --- general-distill (corpus.py)
+    corpus: Optional[list] = None  # plain-text files or folders of .txt files
+    dataset: Optional[str] = None  # or a text dataset, through datasets.load_dataset
+    dataset_config: Optional[str] = None
+    dataset_split: str = "train"
+    text_column: str = "text"
+    dataset_streaming: bool = False
+    validation_fraction: float = 0.01  # held-out sequences that judge the checkpoints
+    # --- losses
     losses: Optional[dict] = None  # {loss: {weight: w or [w per stage], setting: value}} (losses.py)
     plugins: Optional[list] = None  # modules imported before the run: they may register losses
 
@@ -192,11 +203,11 @@ def validate(cfg: TrainConfig, command: str) -> None:
 
     if cfg.task not in TASK_NAMES:
         raise ValueError(f"task must be one of {', '.join(TASK_NAMES)}; got {cfg.task!r}")
-    if command in ("finetune", "distill", "cache-teacher") and not cfg.output:
+    if command in ("finetune", "distill", "cache-teacher", "general-distill") and not cfg.output:
         raise ValueError("--output is required")
     _number(cfg, "epochs", minimum=0, strict=True)
     _number(cfg, "max_steps", minimum=0, strict=True, integer=True, optional=True)
-    _number(cfg, "batch_size", minimum=2 if command == "distill" else 1, integer=True)
+    _number(cfg, "batch_size", minimum=2 if command in ("distill", "general-distill") else 1, integer=True)
     _number(cfg, "grad_accum_steps", minimum=1, integer=True)
     if cfg.batch_size % cfg.grad_accum_steps:
         raise ValueError(f"batch_size {cfg.batch_size} must be divisible by grad_accum_steps {cfg.grad_accum_steps}")
@@ -225,10 +236,12 @@ def validate(cfg: TrainConfig, command: str) -> None:
         _check_model_ref("model", cfg.model)
     if command == "evaluate":
         _check_model_ref("model", cfg.model)
-    if command in ("distill", "cache-teacher"):
+    if command == "general-distill":
+        _check_general(cfg)
+    if command in ("distill", "cache-teacher", "general-distill"):
         _check_model_ref("teacher", cfg.teacher)
         _choice(cfg, "representation", ("sequence", "cls"))
-    if command == "distill":
+    if command in ("distill", "general-distill"):
         for name in ("student_config", "student_init"):
             ref = getattr(cfg, name)
             if ref is not None and _looks_local(ref) and not Path(ref).exists():
@@ -277,7 +290,14 @@ def validate(cfg: TrainConfig, command: str) -> None:
                                           or not all(isinstance(i, int) and i >= 1 for i in cfg.layer_map)):
             raise ValueError(f"layer_map must be a list of teacher layers (1-based ints), got {cfg.layer_map!r}")
         check_loss_plan(cfg)
-    splits = ("train", *dev_splits(get_task(cfg.task))) if command != "evaluate" else ()
+    if cfg.map_embeddings and cfg.teacher_cache is not None:
+        raise ValueError("map_embeddings: the teacher cache holds the mapped transformer layers only; drop "
+                         "--teacher-cache or --map-embeddings")
+    if command in ("distill", "general-distill") and cfg.student_init and cfg.teacher:
+        from .modeling import check_student_vocabulary
+
+        check_student_vocabulary(cfg.student_init, cfg.teacher)
+    splits = ("train", *dev_splits(get_task(cfg.task))) if command not in ("evaluate", "general-distill") else ()
     check_data_files(get_task(cfg.task), Path(cfg.data_dir) if cfg.data_dir else None, splits)
     model_ref = cfg.model if command in ("finetune", "evaluate") else cfg.teacher
     _check_model_config(cfg, command, model_ref)
@@ -337,6 +357,24 @@ def _check_losses_section(cfg: TrainConfig) -> None:
             raise ValueError(f"losses.{name}.weight must be finite numbers >= 0, got {weight!r}")
 
 
+def _check_general(cfg: TrainConfig) -> None:
+    """general-distill: a corpus (files that exist, or a dataset), fixed-length packing, no labels."""
+    if (cfg.corpus is None) == (cfg.dataset is None):
+        raise ValueError("general-distill takes --corpus PATH [PATH ...] or --dataset NAME (one of the two)")
+    for path in cfg.corpus or ():
+        if not Path(path).exists():
+            raise FileNotFoundError(f"--corpus {path} does not exist")
+    if cfg.max_length is None:
+        raise ValueError("general-distill packs the corpus into sequences of --max-length tokens: set one (>= 8)")
+    _number(cfg, "validation_fraction", minimum=0)
+    if cfg.validation_fraction >= 1:
+        raise ValueError(f"validation_fraction must be in [0, 1), got {cfg.validation_fraction}")
+    if cfg.teacher_cache is not None or cfg.negative_source != "batch":
+        raise ValueError("general-distill runs the teacher on the corpus: no --teacher-cache or bank negatives")
+    if cfg.negatives != "any":
+        raise ValueError("negatives other-label needs labels; the general corpus has none")
+
+
 def _check_device(name: str):
     """The torch.device a run will use; a device that is not there is a settings error."""
     from .runtime import resolve_device
@@ -384,8 +422,8 @@ def _check_cuda_graphs(cfg: TrainConfig, command: str) -> None:
     """What a captured step cannot do, refused before any work (see cuda_graph.py)."""
     import os
 
-    if command not in ("finetune", "distill"):
-        raise ValueError(f"cuda_graphs applies to training (finetune, distill), not {command}")
+    if command not in ("finetune", "distill", "general-distill"):
+        raise ValueError(f"cuda_graphs applies to training (finetune, distill, general-distill), not {command}")
     if cfg.device == "cpu" or cfg.device == "mps":
         raise ValueError(f"cuda_graphs needs a CUDA device, got device {cfg.device!r}")
     if cfg.precision == "fp16":

@@ -34,7 +34,7 @@ from .data import MODEL_INPUTS, model_inputs
 from .lrc_loss import EmbeddingPerturbation, LRCDistillationLoss, stage_index
 from .method import decay_groups, run_step
 from .negatives import sample_in_batch
-from .modeling import StudentWithProjections, build_student, export_student, representation
+from .modeling import StudentWithProjections, build_student, export_student, load_projections, representation
 from .runtime import AUTOCAST_DTYPES, Runtime
 from .tasks import TaskSpec, label_alignment
 from .teacher_cache import TeacherCache
@@ -43,24 +43,34 @@ log = logging.getLogger("lrc_bert")
 
 
 class DistillMethod:
+    """Task distillation (``lrc-bert distill``): LRC-BERT from a pretrained student, LRC-BERT1 from a random init."""
+
+    name = "distill"
+
     def __init__(self, cfg: TrainConfig, task: TaskSpec, teacher, tokenizer, runtime: Runtime,
                  cache: Optional[TeacherCache] = None):
         """``teacher``: the model, or only its config when ``cache`` holds its outputs."""
         self.cfg, self.task, self.tokenizer, self.runtime = cfg, task, tokenizer, runtime
         self.device = device = runtime.device
         teacher_config = getattr(teacher, "config", teacher)
-        alignment = label_alignment(task, teacher_config.id2label, cfg.assume_label_order)
+        alignment = label_alignment(task, teacher_config.id2label, cfg.assume_label_order) if task else None
         # Teacher logits into the dataset's label order, by a device index (the step copies nothing from the host).
         identity = alignment is None or alignment == list(range(len(alignment)))
         self.alignment = None if identity else torch.tensor(alignment, device=device)
         self.cache = cache
         self.teacher = None if cache is not None else teacher.to(device).eval().requires_grad_(False)
-        self.student = build_student(cfg, teacher_config, task).to(device)
+        self.student = self.build_student(cfg, teacher_config, task).to(device)
         # The loss, its stages and the projections: the same module other trainers import.
         self.criterion = LRCDistillationLoss(teacher_config, self.student.config, config=cfg,
-                                             regression=task.is_regression).to(device)
+                                             regression=bool(task and task.is_regression)).to(device)
         self.layer_map, self.projections, self.plan = self.criterion.layer_map, self.criterion.projections, \
             self.criterion.plan
+        self.variant = "LRC-BERT" if cfg.student_init else "LRC-BERT1"
+        self.student.config.lrc_bert = {"method": self.name, "variant": self.variant}  # saved with the export
+        if cfg.student_init and not cfg.reinit_projections:
+            loaded = load_projections(self.criterion, Path(cfg.student_init))
+            if loaded:
+                log.info("projections of student layers %s loaded from %s", loaded, cfg.student_init)
         if cache is not None:
             cache.check_layers(self.layer_map)
         self.modules = {"student": self.student, "projections": self.projections}
@@ -69,7 +79,7 @@ class DistillMethod:
             raise ValueError("gradient perturbation needs a student with an `embeddings` module (BERT-like); "
                              "set --perturb-eps 0 to train without it")
         self.perturbation = EmbeddingPerturbation(embeddings) if embeddings is not None else None
-        self.trained = StudentWithProjections(self.student, self.projections)
+        self.trained = StudentWithProjections(self.student, self.projections, [s for s, _ in self.criterion.pairs])
         if cfg.compile_student:
             # The encoder only: the Hugging Face model gathers hidden_states through hooks and
             # context variables that break a whole-model graph (transformers 5).
@@ -95,6 +105,14 @@ class DistillMethod:
         self._stage = None
         self._events: list[str] = []
         log.info("layer map (student -> teacher): %s", self.layer_map)
+
+    def build_student(self, cfg: TrainConfig, teacher_config, task: TaskSpec):
+        return build_student(cfg, teacher_config, task)
+
+    def run_info(self) -> dict:
+        """What the run is, for metrics.jsonl and TensorBoard."""
+        return {"method": self.name, "variant": self.variant, "student_init": self.cfg.student_init,
+                "layer_pairs": [list(p) for p in self.criterion.pairs]}
 
     # ------------------------------------------------------------------ schedule
 
@@ -150,7 +168,7 @@ class DistillMethod:
             out = self.teacher(**model_inputs(batch), output_hidden_states=True)
         mask = batch["attention_mask"]
         return out.logits, [representation(out.hidden_states[t], mask, self.cfg.representation)
-                            for t in self.layer_map]
+                            for _, t in self.criterion.pairs]
 
     def _loss(self, model, batch, teacher_logits, teacher_reps, weights, neg_index):
         need_logits, need_reps = self.criterion.needs(weights)
@@ -160,7 +178,7 @@ class DistillMethod:
         gather = self.banks is None and self.cfg.global_negatives and self.runtime.distributed
         width = None
         if need_reps:
-            for h, t_layer, t_rep in zip(layers, self.layer_map, teacher_reps):
+            for h, (_, t_layer), t_rep in zip(layers, self.criterion.pairs, teacher_reps):
                 s = representation(h, batch["attention_mask"], self.cfg.representation)
                 t = t_rep.to(s.dtype)
                 if s.shape[1] != t.shape[1]:
@@ -178,7 +196,7 @@ class DistillMethod:
                 s_reps.append(s), t_reps.append(t), banks.append(bank)
         if self.alignment is not None:
             teacher_logits = teacher_logits.index_select(1, self.alignment)
-        return self.criterion.combine(weights, logits, teacher_logits, batch["labels"], s_reps, t_reps, neg_index,
+        return self.criterion.combine(weights, logits, teacher_logits, batch.get("labels"), s_reps, t_reps, neg_index,
                                       banks)
 
     def prepare_step(self, batch, step):
@@ -189,7 +207,7 @@ class DistillMethod:
                 self._events.append(f"stage {stage + 1} begins: weights {self.plan[stage]['weights']}")
             self._stage = stage
         inputs = {"batch": {k: batch[k] for k in (*MODEL_INPUTS, "labels") if k in batch},
-                  "neg_index": self._negatives(batch["input_ids"].shape[0], batch.get("index"), batch["labels"]),
+                  "neg_index": self._negatives(batch["input_ids"].shape[0], batch.get("index"), batch.get("labels")),
                   "teacher": None}
         if self.cache is not None:
             inputs["teacher"] = self.cache.rows(batch["index"], self.layer_map, torch.device("cpu"),

@@ -58,7 +58,7 @@ class LossInputs:
     neg_index: Optional[torch.Tensor]  # [B, K] rows of the negative pool per sample; None: all others in the batch
     regression: bool
     negative_banks: Optional[list] = None  # per mapped layer: the pool neg_index points into; None: the batch
-    layer_map: Optional[list] = None  # teacher layer (1-based) of each student layer
+    student_layers: Optional[list] = None  # hidden_states index of each representation's student layer (0: embeddings)
 
 
 @register_loss("cos_nce")
@@ -66,7 +66,8 @@ class LossInputs:
 class CosNCE:
     """Sum over mapped layers of COS-NCE (``lrc_kernels.cos_nce_loss``); negatives are teacher
     rows of other samples (of the batch, the global batch, or the cached training set), never
-    gathered into [B, K, F]. Each layer's value is logged as ``cos_nce/layer{i}``."""
+    gathered into [B, K, F]. Each layer's value is logged as ``cos_nce/layer{i}`` (i = the student
+    layer; 0 = the embeddings, when they are mapped)."""
 
     backend: str = "auto"
     needs_representations: ClassVar[bool] = True
@@ -79,7 +80,8 @@ class CosNCE:
         banks = x.negative_banks or [None] * len(x.student_reps)
         per_layer = [lk.cos_nce_loss(s, t, bank, x.neg_index, backend=self.backend)
                      for s, t, bank in zip(x.student_reps, x.teacher_reps, banks)]
-        return sum(per_layer), {f"cos_nce/layer{i + 1}": v for i, v in enumerate(per_layer)}
+        layers = x.student_layers or range(1, len(per_layer) + 1)
+        return sum(per_layer), {f"cos_nce/layer{i}": v for i, v in zip(layers, per_layer)}
 
 
 @register_loss("hidden_mse")

@@ -102,8 +102,11 @@ class LRCDistillationLoss(nn.Module):
         if len(self.layer_map) != n_s or not all(1 <= t <= n_t for t in self.layer_map):
             raise ValueError(f"layer_map must give one teacher layer in 1..{n_t} for each of the {n_s} student "
                              f"layers, got {self.layer_map}")
+        # (student, teacher) indices into hidden_states: student layer i -> its mapped teacher layer,
+        # and with map_embeddings the embedding outputs (0 -> 0) first.
+        self.pairs = [(0, 0)] * bool(cfg.map_embeddings) + [(i + 1, t) for i, t in enumerate(self.layer_map)]
         self.projections = nn.ModuleList(nn.Linear(student_config.hidden_size, teacher_config.hidden_size)
-                                         for _ in self.layer_map)
+                                         for _ in self.pairs)
         self.generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.fallback_rows = 0  # other-label rows that found no other class in their batch
 
@@ -131,11 +134,11 @@ class LRCDistillationLoss(nn.Module):
     # ------------------------------------------------------------------ pieces
 
     def project(self, student_hidden_states) -> list:
-        """The mapped student layers (``hidden_states[1:]``), projected to the teacher's width."""
-        return [proj(student_hidden_states[i + 1]) for i, proj in enumerate(self.projections)]
+        """The mapped student layers (``hidden_states`` by ``pairs``), projected to the teacher's width."""
+        return [proj(student_hidden_states[s]) for (s, _), proj in zip(self.pairs, self.projections)]
 
     def teacher_layers(self, teacher_hidden_states) -> list:
-        return [teacher_hidden_states[t] for t in self.layer_map]
+        return [teacher_hidden_states[t] for _, t in self.pairs]
 
     def sample_negatives(self, labels: Optional[torch.Tensor], rows: int) -> Optional[torch.Tensor]:
         """neg_index [rows, K] on the host, or None for all other rows of the batch."""
@@ -153,7 +156,7 @@ class LRCDistillationLoss(nn.Module):
                 neg_index: Optional[torch.Tensor], banks: Optional[list] = None) -> tuple[torch.Tensor, dict]:
         """The weighted loss from representations [B, F] already taken (the trainer's entry)."""
         x = LossInputs(student_logits, teacher_logits, labels, student_reps, teacher_reps, neg_index,
-                       self.regression, banks, self.layer_map)
+                       self.regression, banks, [s for s, _ in self.pairs])
         return weighted_losses(self.active(weights), weights, x)
 
     # ------------------------------------------------------------------ the whole loss

@@ -38,6 +38,10 @@ class Method(Protocol):
 
     def save_best(self, folder: Path) -> None: ...
 
+    # Optional: a method that judges its own checkpoints (general distillation: the held-out
+    # loss) has ``main_metric = (key, higher_is_better)`` and ``evaluate(eval_sets) -> {key: value}``;
+    # otherwise the trainer runs ``predict`` over the eval sets and the task's metrics.
+
 
 def run_step(method: "Method", batch: dict, step: int) -> dict:
     """One micro-batch step of ``method`` outside the trainer: gradients accumulate in the

@@ -50,10 +50,7 @@ def run_training(cfg: TrainConfig, command: str, resume: bool = False, on_step=N
     validate(cfg, command)
     task = get_task(cfg.task)
     output = Path(cfg.output)
-    existing = run_artifacts(output)
-    if existing and not resume and not cfg.overwrite_output:
-        raise ValueError(f"--output {output} already holds a run ({', '.join(p.name for p in existing)}); continue "
-                         "it with --resume, or pass --overwrite-output to delete it and start over")
+    existing = prepare_run_folder(cfg, resume)
     runtime = init_runtime(cfg.device, cfg.precision)
     if not runtime.is_main:
         logging.getLogger("lrc_bert").setLevel(logging.WARNING)
@@ -102,6 +99,16 @@ def run_training(cfg: TrainConfig, command: str, resume: bool = False, on_step=N
 
 
 RUN_ARTIFACTS = ("checkpoints", "metrics.jsonl", "tensorboard", "model", "student", "config.json")
+
+
+def prepare_run_folder(cfg: TrainConfig, resume: bool) -> list[Path]:
+    """The earlier run's artifacts in --output; a new run into such a folder is refused unless
+    --overwrite-output (the caller then clears them, on rank 0)."""
+    existing = run_artifacts(Path(cfg.output))
+    if existing and not resume and not cfg.overwrite_output:
+        raise ValueError(f"--output {cfg.output} already holds a run ({', '.join(p.name for p in existing)}); "
+                         "continue it with --resume, or pass --overwrite-output to delete it and start over")
+    return existing
 
 
 def run_artifacts(output: Path) -> list[Path]:

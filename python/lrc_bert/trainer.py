@@ -89,6 +89,13 @@ class MetricsLog:
                     self.writer.add_scalar(f"{kind}/{key}", value, step)
             self.writer.flush()
 
+    def run_info(self, step: int, info: dict) -> None:
+        """What the run is (method, variant, ...): an event line, and TensorBoard text."""
+        self.write("event", step, {"event": "run", **info})
+        if self.writer is not None:
+            self.writer.add_text("run", json.dumps(info), step)
+            self.writer.flush()
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
@@ -182,7 +189,9 @@ class Trainer:
         self.collate, self.task, self.runtime, self.device = collate, task, runtime, runtime.device
         self.output = Path(cfg.output)
         self.checkpoints = self.output / "checkpoints"
-        self.main_key = f"{main_split}/{task.main_metric}"
+        # A method may judge its own checkpoints (general distillation: the held-out loss, lower is better).
+        self.main_key, self.higher_is_better = getattr(method, "main_metric", None) or (
+            f"{main_split}/{task.main_metric}", True)
         shares = runtime.world_size * cfg.grad_accum_steps
         if cfg.batch_size % shares:
             raise ValueError(f"batch_size {cfg.batch_size} (the global batch) must be divisible by world size "
@@ -213,7 +222,8 @@ class Trainer:
         self.best = {"value": None, "step": None, "metrics": None}
         from .data import data_fingerprint
 
-        self.data_fingerprint = data_fingerprint(train_set)
+        self.data_fingerprint = train_set.fingerprint() if hasattr(train_set, "fingerprint") else \
+            data_fingerprint(train_set)
         self.guard = FiniteGuard(self.device, fp16=runtime.scaler is not None)
 
     # ------------------------------------------------------------------ state
@@ -387,6 +397,8 @@ class Trainer:
         for module in self.method.modules.values():
             module.eval()
         try:
+            if hasattr(self.method, "evaluate"):
+                return self.method.evaluate(self.eval_sets)
             return evaluate(self.method.predict, self.eval_sets, self.collate, self.task, self.cfg.eval_batch_size,
                             self.device)
         finally:
@@ -401,7 +413,9 @@ class Trainer:
             metrics = self.evaluate()
             metrics_log.write("eval", self.step, metrics)
             value = metrics.get(self.main_key)
-            if value is not None and (self.best["value"] is None or value > self.best["value"]):
+            improved = self.best["value"] is None or (value > self.best["value"] if self.higher_is_better
+                                                      else value < self.best["value"])
+            if value is not None and improved:
                 self.best = {"value": value, "step": self.step, "metrics": metrics}
                 self.method.save_best(self.checkpoints / "best")
                 metrics_log.write("event", self.step, {"event": "new_best", self.main_key: value})
@@ -420,9 +434,11 @@ class Trainer:
         self.runtime.barrier()
         resumed = self.resume() if resume else False
         metrics_log = MetricsLog(self.output, self.cfg.tensorboard, self.step if resumed else None) if main else None
+        if main and not resumed and hasattr(self.method, "run_info"):
+            metrics_log.run_info(self.step, self.method.run_info())
         for module in self.method.modules.values():
             module.train()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{self.cfg.task}", dynamic_ncols=True,
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=getattr(self.method, "name", self.cfg.task), dynamic_ncols=True,
                    disable=not main)
         last_saved = self.step
         try:
