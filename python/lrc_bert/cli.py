@@ -212,6 +212,19 @@ def make_parser() -> argparse.ArgumentParser:
     gd.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=None,
                     help="do not write TensorBoard scalars")
 
+    au = sub.add_parser("augment", help="TinyBERT's data augmentation: N variants of every training sentence from "
+                        "a masked LM's predictions, written in the task's TSV layout")
+    au.add_argument("--task", required=True, help=COMMON_HELP["task"])
+    au.add_argument("--data-dir", dest="data_dir", required=True, help="the task's TSV folder (train.tsv, dev.tsv, ...)")
+    au.add_argument("--output", required=True, help="folder for the augmented train.tsv and copies of the other files")
+    au.add_argument("--mlm", required=True, help="any AutoModelForMaskedLM: local path or hub name")
+    au.add_argument("--n-aug", dest="n_aug", type=int, default=20, help="variants per sentence (default 20)")
+    au.add_argument("--p", type=float, default=0.4, help="chance that a single-piece word is replaced (default 0.4)")
+    au.add_argument("--top-k", dest="top_k", type=int, default=15, help="candidates per word (default 15)")
+    au.add_argument("--seed", type=int, default=42, help="the variants' random seed (default 42)")
+    au.add_argument("--batch-size", dest="batch_size", type=int, default=64, help="masked-LM batch (default 64)")
+    au.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:N")
+
     ev = sub.add_parser("evaluate", help="evaluate a saved model; prints one JSON line of metrics")
     ev.add_argument("--model", required=True, help="model folder (finetune's model/, distill's student/)")
     ev.add_argument("--split", choices=["dev", "test"], default="dev",
@@ -249,6 +262,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if args.command == "augment":
+            from .augment import AugmentConfig, augment
+
+            keys = ("task", "data_dir", "output", "mlm", "n_aug", "p", "top_k", "seed", "batch_size", "device")
+            print(json.dumps({"augmented": str(augment(AugmentConfig(**{k: getattr(args, k) for k in keys})))}))
+            return 0
         if args.command == "glue":
             from .glue import run_glue
 
