@@ -18,7 +18,6 @@ from lrc_bert import cli, runs  # noqa: E402
 from lrc_bert.config import build_config  # noqa: E402
 from lrc_bert.corpus import CorpusSource, PackedCorpus, tokenize_corpus  # noqa: E402
 from lrc_bert.general import run_general_distill  # noqa: E402
-from lrc_bert.tasks import DataError  # noqa: E402
 from glue_fixtures import build_base_model  # noqa: E402
 from trainer_fixtures import SNLI_SAMPLE, build_teacher, tiny_distill_settings  # noqa: E402
 

@@ -346,3 +346,33 @@ def test_tensorboard_scalars(teacher, tmp_path):
     out = tmp_path / "run"
     distill(teacher, out, max_steps=2, tensorboard=True)
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_group_by_length_pads_less_and_keeps_the_order_a_function_of_seed_and_epoch(teacher, tmp_path):
+    from transformers import AutoTokenizer
+
+    from lrc_bert.data import Collator, tokenize_split
+    from lrc_bert.trainer import Trainer
+
+    def trainer(group):
+        cfg = build_config(None, **tiny_distill_settings(teacher, tmp_path / str(group), group_by_length=group,
+                                                         batch_size=8))
+        cfg.max_length = None
+        method, _ = make_method(teacher, tmp_path / f"m{group}", group_by_length=group)
+        tokenizer = AutoTokenizer.from_pretrained(teacher)
+        train = tokenize_split(get_task("snli"), "train", tokenizer, cfg)
+        return Trainer(cfg, method, train, {}, Collator(tokenizer, False), get_task("snli"),
+                       Runtime(torch.device("cpu")), "dev"), train
+
+    def padding(t, train, epoch):
+        order, lengths = t.epoch_order(epoch), [len(x) for x in train["input_ids"]]
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b)
+                   for b in (c.tolist() for c in order.split(8))
+                   if len(b) == 8)
+
+    grouped, train = trainer(True)
+    plain, _ = trainer(False)
+    assert sorted(grouped.epoch_order(0).tolist()) == list(range(len(train)))  # a permutation
+    assert torch.equal(grouped.epoch_order(1), grouped.epoch_order(1))  # a function of (seed, epoch)
+    assert not torch.equal(grouped.epoch_order(0), grouped.epoch_order(1))
+    assert padding(grouped, train, 0) < 0.5 * padding(plain, train, 0)

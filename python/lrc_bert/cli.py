@@ -129,6 +129,7 @@ def make_parser() -> argparse.ArgumentParser:
                     help="re-initialise (with a warning) a classification head whose label count is not the task's")
     _add_settings(ft, COMMON_HELP)
     ft.add_argument("--cuda-graphs", dest="cuda_graphs", action="store_true", default=None, help=CUDA_GRAPHS_HELP)
+    _add_group_by_length(ft)
     ft.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=None,
                     help="do not write TensorBoard scalars")
 
@@ -147,6 +148,7 @@ def make_parser() -> argparse.ArgumentParser:
     _add_layer_map(ds)
     ds.add_argument("--compile-student", dest="compile_student", action="store_true", default=None,
                     help="torch.compile the student's encoder (forward and backward)")
+    _add_group_by_length(ds)
     ds.add_argument("--cuda-graphs", dest="cuda_graphs", action="store_true", default=None,
                     help=CUDA_GRAPHS_HELP)
     ds.add_argument("--global-negatives", dest="global_negatives", action="store_true", default=None,
@@ -234,6 +236,12 @@ def make_parser() -> argparse.ArgumentParser:
     _add_settings(ev, {k: COMMON_HELP[k] for k in ("task", "data_dir", "config", "max_length", "eval_batch_size",
                                                    "device", "limit_eval", "cache_dir")})
     return parser
+
+
+def _add_group_by_length(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--group-by-length", dest="group_by_length", action="store_true", default=None,
+                        help="with --max-length 0 (dynamic padding): batches of rows of similar length, so less "
+                             "padding (the order stays random and resumable)")
 
 
 def _add_overwrite(parser: argparse.ArgumentParser) -> None:

@@ -36,6 +36,7 @@ class TrainConfig:
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
     max_length: Optional[int] = 128  # fixed padding to this length (the paper's 128); None: dynamic padding
+    group_by_length: bool = False  # with dynamic padding: batches of similar lengths (less padding)
     seed: int = 42
     eval_steps: int = 500
     save_steps: int = 500
@@ -217,6 +218,8 @@ def validate(cfg: TrainConfig, command: str) -> None:
     _number(cfg, "eval_batch_size", minimum=1, integer=True)
     if cfg.cuda_graphs:
         _check_cuda_graphs(cfg, command)
+    if cfg.group_by_length and cfg.max_length is not None:
+        raise ValueError("group_by_length groups rows of similar length under dynamic padding: set --max-length 0")
     _number(cfg, "learning_rate", minimum=0, strict=True)
     _number(cfg, "weight_decay", minimum=0)
     _number(cfg, "warmup_ratio", minimum=0)

@@ -225,6 +225,7 @@ class Trainer:
         self.data_fingerprint = train_set.fingerprint() if hasattr(train_set, "fingerprint") else \
             data_fingerprint(train_set)
         self.guard = FiniteGuard(self.device, fp16=runtime.scaler is not None)
+        self._lengths: Optional[torch.Tensor] = None  # token counts of the training rows, for group_by_length
 
     # ------------------------------------------------------------------ state
 
@@ -330,16 +331,16 @@ class Trainer:
     def batches(self, start_step: int):
         """(step, this rank's micro-batches) from start_step on.
 
-        Epoch e's order is a permutation drawn from seed + e; global batch i is its slice
-        [i B, (i + 1) B), of which rank r takes rows [r B / W, (r + 1) B / W). Each batch
-        carries ``index``, the rows' positions in the training set (for the teacher cache).
+        Epoch e's order is a permutation drawn from seed + e (``epoch_order``); global batch i is
+        its slice [i B, (i + 1) B), of which rank r takes rows [r B / W, (r + 1) B / W). Each
+        batch carries ``index``, the rows' positions in the training set (for the teacher cache).
         """
-        n, bs, micro = len(self.train_set), self.cfg.batch_size, self.micro_batch
+        bs, micro = self.cfg.batch_size, self.micro_batch
         share = bs // self.runtime.world_size
         step = start_step
         while step < self.total_steps:
             epoch, offset = divmod(step, self.steps_per_epoch)
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
+            order = self.epoch_order(epoch)
             for i in range(offset, self.steps_per_epoch):
                 if step >= self.total_steps:
                     return
@@ -352,6 +353,28 @@ class Trainer:
                     batches.append(batch)
                 yield step, batches
                 step += 1
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """The training set's order in an epoch: a permutation drawn from seed + epoch. With
+        ``group_by_length`` (dynamic padding), each window of 64 batches is sorted by length and
+        its batches are shuffled again, so that a batch pads to similar lengths while the order
+        stays random and a function of (seed, epoch) only: exact resume is unaffected."""
+        generator = torch.Generator().manual_seed(self.cfg.seed + epoch)
+        order = torch.randperm(len(self.train_set), generator=generator)
+        if not self.cfg.group_by_length:
+            return order
+        if self._lengths is None:
+            self._lengths = torch.tensor([len(ids) for ids in self.train_set["input_ids"]])
+        bs, window = self.cfg.batch_size, self.cfg.batch_size * 64
+        grouped = []
+        for start in range(0, len(order), window):
+            chunk = order[start:start + window]
+            chunk = chunk[torch.argsort(self._lengths[chunk], descending=True, stable=True)]
+            batches = list(chunk.split(bs))
+            full, rest = (batches[:-1], batches[-1:]) if len(batches[-1]) < bs else (batches, [])
+            shuffled = [full[i] for i in torch.randperm(len(full), generator=generator).tolist()]
+            grouped += shuffled + rest
+        return torch.cat(grouped)
 
     def optimizer_step(self, step: int, batches: list) -> tuple[dict, torch.Tensor]:
         """One optimiser step over this rank's micro-batches.
