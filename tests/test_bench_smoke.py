@@ -27,10 +27,12 @@ def test_cpu_peak_memory_sees_a_temporary():
     import torch
 
     size = 32 << 20
-    peak = common.peak_added_bytes(lambda: torch.ones(size // 4), torch.device("cpu"))
-    if peak is None:
+    # RSS is process-wide: memory another thread of this process releases inside the window
+    # (tokenizer or OpenMP pools left by earlier tests) can hide the temporary once; three tries.
+    peaks = [common.peak_added_bytes(lambda: torch.ones(size // 4), torch.device("cpu")) for _ in range(3)]
+    if peaks[0] is None:
         pytest.skip("no /proc/self/clear_refs here")
-    assert 0.9 * size <= peak <= 1.5 * size
+    assert 0.9 * size <= max(peaks) <= 1.5 * size, peaks
 
 
 def test_distill_benchmark_smoke(tmp_path):
