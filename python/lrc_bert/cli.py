@@ -178,9 +178,9 @@ def make_parser() -> argparse.ArgumentParser:
                     help="a general-distilled student to start every task from (LRC-BERT); default: random init "
                          "(LRC-BERT1)")
     gl.add_argument("--teachers", default=None, help="reuse DIR/<task>/model as the teacher where it exists")
-    gl.add_argument("--config", default=None, metavar="YAML",
+    gl.add_argument("--config", default="glue", metavar="YAML",
                     help="settings for every task and stage, per stage (finetune:, distill:) and per task (tasks:); "
-                         "the shipped `glue` holds the defaults")
+                         "default: the shipped `glue` (the paper's settings)")
     gl.add_argument("--predict-test", dest="predict_test", action="store_true",
                     help="also predict the unlabelled test sets: glue_submission/*.tsv and glue_submission.zip")
     gl.add_argument("--seeds", type=int, default=1, help="students per task, seeds seed..seed+N-1 (mean ± std)")
