@@ -195,6 +195,14 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 28) -> float:
     return 2 * nbytes / seconds
 
 
+def read_bandwidth(device: torch.device, nbytes: int) -> float:
+    """Bytes per second of reading a buffer of ``nbytes`` once (a large ``torch.sum``): the floor
+    of an op that must read that many bytes."""
+    src = torch.empty(max(nbytes // 4, 1), dtype=torch.float32, device=device).uniform_()
+    seconds = median_seconds(lambda: src.sum(), device, repeats=10, warmup=3)
+    return nbytes / seconds
+
+
 # --------------------------------------------------------------------------- results
 
 

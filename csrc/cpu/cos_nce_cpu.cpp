@@ -19,6 +19,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <vector>
 
 namespace {
@@ -362,6 +364,159 @@ at::Tensor row_combine(const at::Tensor& x, const at::Tensor& a, const at::Tenso
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// One pass: the per-row loss and, when the student needs it, its gradient at grad_output = 1,
+//   G_b = sigma_b s_b + sum_j A_bj x_bj,
+// computed while the row's inputs are in cache (the math: lrc_kernels/functional.py). The
+// backward is then a scale of G by grad_output, so each input is read from DRAM once and
+// nothing but G is kept for backward. A row whose inputs fit kRowBudget is one task (rows run
+// in parallel); a larger row (the paper's shape: 17 rows of 98,304) is split over the threads
+// by D twice: the partial sums of every chunk, a fixed-order reduction (deterministic), the
+// scalar epilogue, then the gradient chunks, re-read from the last-level cache.
+
+namespace {
+
+constexpr int64_t kRowBudget = 1 << 19;  // bytes of a row's inputs handled by one task (L2-sized)
+std::atomic<int64_t> g_gradient_rows{0};  // rows whose gradient was computed (a test hook)
+
+// Per-row loss and gradient coefficients from the full-D sums (the math of functional.py).
+template <typename acc_t>
+acc_t row_epilogue(bool info_nce, acc_t eps, acc_t inv_temperature, acc_t ss, const acc_t* dot, const acc_t* xx,
+                   int64_t J, acc_t* A, acc_t& sigma, acc_t& norm_s, acc_t* norm_x) {
+  norm_s = std::sqrt(ss);
+  const acc_t ns = std::max(norm_s, eps);
+  std::vector<acc_t> c(J), w(J);
+  for (int64_t j = 0; j < J; ++j) {
+    norm_x[j] = std::sqrt(xx[j]);
+    c[j] = dot[j] / (ns * std::max(norm_x[j], eps));
+  }
+  const int64_t K = J - 1;
+  acc_t loss;
+  if (!info_nce) {
+    acc_t mean = 0;
+    for (int64_t k = 1; k < J; ++k) mean += c[k];
+    mean /= K;
+    loss = acc_t(2) - acc_t(1.5) * c[0] + acc_t(0.5) * mean;
+    w[0] = acc_t(-1.5);
+    for (int64_t k = 1; k < J; ++k) w[k] = acc_t(0.5) / K;
+  } else {
+    acc_t zmax = c[0] * inv_temperature;
+    for (int64_t j = 1; j < J; ++j) zmax = std::max(zmax, c[j] * inv_temperature);
+    acc_t total = 0;
+    for (int64_t j = 0; j < J; ++j) total += std::exp(c[j] * inv_temperature - zmax);
+    loss = zmax + std::log(total) - c[0] * inv_temperature;
+    for (int64_t j = 0; j < J; ++j) w[j] = std::exp(c[j] * inv_temperature - zmax) / total * inv_temperature;
+    w[0] -= inv_temperature;
+  }
+  acc_t wc = 0;
+  for (int64_t j = 0; j < J; ++j) {
+    wc += w[j] * c[j];
+    A[j] = w[j] / (ns * std::max(norm_x[j], eps));
+  }
+  sigma = norm_s >= eps ? -wc / (ns * ns) : acc_t(0);
+  return loss;
+}
+
+}  // namespace
+
+// Returns (loss [B], G [B, D] in the student's dtype or undefined, |s| [B], |x_j| [B, J]).
+std::vector<at::Tensor> one_pass(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& negatives,
+                                 const at::Tensor& index, int64_t mode, bool info_nce, double eps, double temperature,
+                                 bool need_grad) {
+  check_rows(student, "student");
+  check_rows(teacher, "teacher");
+  const int64_t B = student.size(0), D = student.size(1);
+  const Negatives neg = make_negatives(mode, teacher, negatives, index);
+  const int64_t J = neg.num_neg + 1, chunks = (D + kChunk - 1) / kChunk;
+  const Rows s_rows(student), t_rows(teacher);
+  const auto acc = acc_type({student.scalar_type(), teacher.scalar_type(),
+                             negatives.defined() ? negatives.scalar_type() : at::kFloat});
+  auto opts = student.options().dtype(acc);
+  auto loss = at::empty({B}, opts), norm_s = at::empty({B}, opts), norm_x = at::empty({B, J}, opts);
+  at::Tensor grad;
+  if (need_grad) grad = at::empty({B, D}, student.options());
+  const int64_t row_bytes = D * (s_rows.elem + J * neg.rows.elem);
+  LRC_DISPATCH_ACC(acc, [&] {
+    const acc_t e = static_cast<acc_t>(eps), inv_t = static_cast<acc_t>(1.0 / temperature);
+    acc_t* pl = loss.data_ptr<acc_t>();
+    acc_t* pns = norm_s.data_ptr<acc_t>();
+    acc_t* pnx = norm_x.data_ptr<acc_t>();
+    auto x_row = [&](int64_t b, int64_t j) { return j == 0 ? t_rows.row(b) : neg.row(b, j - 1); };
+    auto x_src = [&](int64_t j) -> const Rows& { return j == 0 ? t_rows : neg.rows; };
+    // Sums of one chunk of row b into sums[0] = |s|^2, sums[1 + j] = s.x_j, sums[1 + J + j] = |x_j|^2.
+    auto chunk_sums = [&](int64_t b, int64_t c, acc_t* sums, acc_t* s_buf, acc_t* x_buf) {
+      const int64_t d0 = c * kChunk, n = std::min(kChunk, D - d0);
+      const acc_t* s = load<acc_t>(s_rows.row(b) + d0 * s_rows.elem, s_rows.dtype, n, s_buf);
+      acc_t unused = 0;
+      sums[0] = 0;
+      dot_and_square<acc_t>(s, s, n, unused, sums[0]);
+      for (int64_t j = 0; j < J; ++j) {
+        const acc_t* x = load<acc_t>(x_row(b, j) + d0 * x_src(j).elem, x_src(j).dtype, n, x_buf);
+        sums[1 + j] = 0, sums[1 + J + j] = 0;
+        dot_and_square<acc_t>(s, x, n, sums[1 + j], sums[1 + J + j]);
+      }
+    };
+    // G's chunk c of row b = sigma s + sum_j A_j x_j.
+    auto chunk_grad = [&](int64_t b, int64_t c, const acc_t* A, acc_t sigma, acc_t* s_buf, acc_t* x_buf, acc_t* g) {
+      const int64_t d0 = c * kChunk, n = std::min(kChunk, D - d0);
+      const acc_t* s = load<acc_t>(s_rows.row(b) + d0 * s_rows.elem, s_rows.dtype, n, s_buf);
+      for (int64_t i = 0; i < n; ++i) g[i] = sigma * s[i];
+      for (int64_t j = 0; j < J; ++j)
+        axpy<acc_t>(A[j], load<acc_t>(x_row(b, j) + d0 * x_src(j).elem, x_src(j).dtype, n, x_buf), n, g);
+      store<acc_t>(g, grad.scalar_type(), n,
+                   static_cast<char*>(grad.data_ptr()) + (b * D + d0) * grad.element_size());
+    };
+    auto finish = [&](int64_t b, const acc_t* total, acc_t* A, acc_t& sigma) {
+      pl[b] = row_epilogue<acc_t>(info_nce, e, inv_t, total[0], total + 1, total + 1 + J, J, A, sigma, pns[b],
+                                  pnx + b * J);
+    };
+    if (row_bytes <= kRowBudget) {
+      // Small rows: a row is one task, its inputs still in L2 for the gradient.
+      at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> s_buf(kChunk), x_buf(kChunk), g(kChunk), sums(1 + 2 * J), total(1 + 2 * J), A(J);
+        for (int64_t b = begin; b < end; ++b) {
+          std::fill(total.begin(), total.end(), acc_t(0));
+          for (int64_t c = 0; c < chunks; ++c) {
+            chunk_sums(b, c, sums.data(), s_buf.data(), x_buf.data());
+            for (int64_t i = 0; i < 1 + 2 * J; ++i) total[i] += sums[i];
+          }
+          acc_t sigma;
+          finish(b, total.data(), A.data(), sigma);
+          if (need_grad) {
+            for (int64_t c = 0; c < chunks; ++c) chunk_grad(b, c, A.data(), sigma, s_buf.data(), x_buf.data(), g.data());
+            g_gradient_rows.fetch_add(1, std::memory_order_relaxed);
+          }
+        }
+      });
+    } else {
+      // Large rows: every thread takes chunks of the same row, whose inputs then stay in the LLC.
+      std::vector<acc_t> sums(chunks * (1 + 2 * J)), total(1 + 2 * J), A(J);
+      for (int64_t b = 0; b < B; ++b) {
+        at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+          std::vector<acc_t> s_buf(kChunk), x_buf(kChunk);
+          for (int64_t c = begin; c < end; ++c)
+            chunk_sums(b, c, sums.data() + c * (1 + 2 * J), s_buf.data(), x_buf.data());
+        });
+        std::fill(total.begin(), total.end(), acc_t(0));
+        for (int64_t c = 0; c < chunks; ++c)  // a fixed order: the same bits on any number of threads
+          for (int64_t i = 0; i < 1 + 2 * J; ++i) total[i] += sums[c * (1 + 2 * J) + i];
+        acc_t sigma;
+        finish(b, total.data(), A.data(), sigma);
+        if (need_grad) {
+          at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+            std::vector<acc_t> s_buf(kChunk), x_buf(kChunk), g(kChunk);
+            for (int64_t c = begin; c < end; ++c) chunk_grad(b, c, A.data(), sigma, s_buf.data(), x_buf.data(), g.data());
+          });
+          g_gradient_rows.fetch_add(1, std::memory_order_relaxed);
+        }
+      }
+    }
+  });
+  return {loss, grad, norm_s, norm_x};
+}
+
+int64_t gradient_rows_computed() { return g_gradient_rows.load(); }
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lrc_kernels fused CPU primitives (see lrc_kernels/ops/native.py)";
   m.def("partials", &partials);
@@ -369,4 +524,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("weighted_colsum", &weighted_colsum);
   m.def("row_dot_vec", &row_dot_vec);
   m.def("row_combine", &row_combine);
+  m.def("one_pass", &one_pass);
+  m.def("gradient_rows_computed", &gradient_rows_computed);
 }

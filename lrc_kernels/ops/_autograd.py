@@ -26,14 +26,17 @@ def single_backward(backward):
 
     @functools.wraps(backward)
     def wrapper(ctx, *grad_outputs):
+        differentiable = torch.is_grad_enabled()
+        # Read before the backward runs: a backward may update a saved buffer in place (one pass).
+        used = [x for x in ctx.saved_tensors if isinstance(x, torch.Tensor) and x.requires_grad] \
+            if differentiable else []
         with torch.no_grad():
             grads = backward(ctx, *grad_outputs)
-        if not torch.is_grad_enabled():
+        if not differentiable:
             return grads
         tensors = [g for g in grads if isinstance(g, torch.Tensor)]
         if not tensors:
             return grads
-        used = [x for x in ctx.saved_tensors if isinstance(x, torch.Tensor) and x.requires_grad]
         used += [g for g in grad_outputs if isinstance(g, torch.Tensor) and g.requires_grad]
         err_fn = _functions.DelayedError(DOUBLE_BACKWARD_MESSAGE, len(tensors) + len(used))
         outputs = err_fn(*[g.detach().requires_grad_() for g in tensors], *used)

@@ -192,6 +192,62 @@ def _gather_backward(ctx, grad_rows, *unused_grads):
 gather_negatives_loss.register_autograd(_gather_backward, setup_context=_gather_setup_context)
 
 
+# One pass (CPU): the loss and the student's gradient at grad_output = 1 in one sweep over the
+# inputs (csrc/cpu ``one_pass``); the backward scales it. Used when only the student needs a
+# gradient (the usual case); teacher or negatives that require grad take the two-pass ops above.
+
+
+@torch.library.custom_op("lrc_kernels::one_pass_loss", mutates_args=(), device_types=("cpu",))
+def one_pass_loss(student: Tensor, teacher: Tensor, negatives: Optional[Tensor], neg_index: Optional[Tensor],
+                  mode: int, info_nce: bool, eps: float, temperature: float, need_grad: bool,
+                  check_index: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(per-row loss [B], G [B, D] = d loss_b / d s_b (empty without need_grad), |s| [B], |x_j| [B, K+1])."""
+    if check_index and mode in (BANK, TEACHER_BANK) and neg_index.numel():
+        rows = (negatives if mode == BANK else teacher).shape[0]
+        lo, hi = (v.item() for v in torch.aminmax(neg_index))
+        if lo < 0 or hi >= rows:
+            raise IndexError(f"neg_index values must lie in [0, {rows}), got values in [{lo}, {hi}]")
+    negatives = _placeholder() if negatives is None else negatives
+    neg_index = _placeholder(torch.int64) if neg_index is None else neg_index
+    loss, grad, norm_s, norm_x = extension_for(student.device).one_pass(student, teacher, negatives, neg_index, mode,
+                                                                        info_nce, eps, temperature, need_grad)
+    loss = loss if loss.dtype == torch.float64 else loss.float()
+    return loss, (grad if need_grad else student.new_empty(0)), norm_s, norm_x
+
+
+@one_pass_loss.register_fake
+def _(student, teacher, negatives, neg_index, mode, info_nce, eps, temperature, need_grad, check_index):
+    ss, dots, _ = partials(student, teacher, negatives, neg_index, mode, check_index)  # the fake of partials
+    loss = ss.new_empty(ss.shape, dtype=torch.float64 if ss.dtype == torch.float64 else torch.float32)
+    grad = student.new_empty(student.shape) if need_grad else student.new_empty(0)
+    return loss, grad, ss.new_empty(ss.shape), dots.new_empty(dots.shape)
+
+
+def _one_pass_setup_context(ctx, inputs, output):
+    # G, and the student (a reference, for the double-backward guard); the teacher, negatives or
+    # bank are not kept alive for backward.
+    ctx.save_for_backward(output[1], inputs[0])
+
+
+@single_backward
+def _one_pass_backward(ctx, grad_rows, *unused_grads):
+    grad, _ = ctx.saved_tensors
+    # In place: no second [B, D] buffer. A second backward through a retained graph then fails
+    # clearly (autograd sees the saved tensor modified) instead of reading a scaled G.
+    grad.mul_(grad_rows.to(grad.dtype)[:, None])
+    return grad, None, None, None, None, None, None, None, None, None
+
+
+one_pass_loss.register_autograd(_one_pass_backward, setup_context=_one_pass_setup_context)
+
+
+def _one_pass_applies(problem: ContrastiveProblem) -> bool:
+    """CPU, explicit or indexed negatives, and no gradient wanted but the student's."""
+    return (problem.device.type == "cpu" and problem.mode != NegativeMode.IN_BATCH
+            and not problem.teacher.requires_grad
+            and not (problem.negatives is not None and problem.negatives.requires_grad))
+
+
 class NativeRowPrimitives:
     """The streaming primitives of the shared in-batch COS-NCE (``in_batch.RowPrimitives``)."""
 
@@ -271,6 +327,12 @@ def _native_row_losses(problem: ContrastiveProblem) -> tuple[torch.Tensor, tuple
     negatives = problem.negatives
     index = problem.neg_index.contiguous() if problem.mode.indexed else None
     check_index = torch.compiler.is_compiling()  # eager calls were range-checked by the validation layer
+    if _one_pass_applies(problem):
+        need_grad = torch.is_grad_enabled() and problem.student.requires_grad
+        rows, _, norm_s, norm_x = torch.ops.lrc_kernels.one_pass_loss(
+            problem.student, problem.teacher, negatives, index, mode, problem.loss == "info_nce", problem.eps,
+            problem.temperature, need_grad, check_index)
+        return rows, (norm_s, norm_x)
     rows, norm_s, norm_x, _ = torch.ops.lrc_kernels.gather_negatives_loss(
         problem.student, problem.teacher, negatives, index, mode, problem.loss == "info_nce", problem.eps,
         problem.temperature, check_index,

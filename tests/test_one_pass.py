@@ -1,0 +1,153 @@
+"""The CPU one-pass path (csrc/cpu one_pass): the loss and the student's gradient in one sweep,
+the backward a scale. Against the float64 reference in value and gradient, in every indexed and
+explicit mode, both losses and every reduction; no gradient work without grad; the inputs not
+kept for backward; bit-deterministic; traceable."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+import lrc_kernels as lk
+from helpers import LOSSES, TOLERANCE, gradient_error, make_inputs, relative_error
+
+pytestmark = pytest.mark.skipif("cpp" not in lk.available_backends("cpu"), reason="no C++ toolchain")
+ONE_PASS_MODES = ("explicit", "bank", "teacher_bank")
+
+
+def extension():
+    from lrc_kernels.ops import _build
+
+    return _build.cpu_extension()
+
+
+def student_only(mode, batch, num_neg, features, dtype=torch.float32, seed=0, **kwargs):
+    generator = torch.Generator().manual_seed(seed)
+    s, t, n, idx = make_inputs(mode, batch, num_neg, features, dtype, "cpu", generator, requires_grad=False, **kwargs)
+    return s.requires_grad_(), t, n, idx
+
+
+def compare(loss, inputs, reduction="none", weights=None, **kwargs):
+    s, t, n, idx = inputs
+    dtype = s.dtype
+    before = extension().gradient_rows_computed()
+    got = LOSSES[loss](s, t, n, idx, reduction=reduction, backend="cpp", **kwargs)
+    assert extension().gradient_rows_computed() > before  # the one-pass kernel ran, with its gradient
+    s64 = s.detach().double().requires_grad_()
+    want = LOSSES[loss](s64, *[None if x is None else (x.double() if x.is_floating_point() else x) for x in (t, n)],
+                        idx, reduction=reduction, backend="torch", **kwargs)
+    upstream = weights if weights is not None else torch.ones(())
+    (got * upstream.to(got)).sum().backward()
+    (want * upstream.double()).sum().backward()
+    tol = TOLERANCE[dtype]
+    assert relative_error(got.detach(), want.detach(), floor=1.0) < tol
+    assert s.grad.dtype == dtype and s.grad.shape == s.shape
+    assert gradient_error(s.grad, s64.grad, s, s[0].numel(), 1e-8) < tol
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("mode", ONE_PASS_MODES)
+def test_one_pass_matches_float64_small_rows(mode, loss, reduction):
+    inputs = student_only(mode, 5, 3, 37, seed=1)
+    weights = torch.rand(5) + 0.5 if reduction == "none" else None  # a non-uniform grad_output
+    compare(loss, inputs, reduction, weights, **({"temperature": 0.3} if loss == "info_nce" else {}))
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("mode", ONE_PASS_MODES)
+def test_one_pass_matches_float64_large_rows_split_over_threads(mode, loss):
+    # (1 + K) x D x 4 bytes = 4 x 40,003 x 4 > 512 KiB: each row split over the threads by D
+    compare(loss, student_only(mode, 3, 3, 40_003, seed=2), "none", torch.rand(3) + 0.5)
+
+
+@pytest.mark.parametrize("shape", [(2, 1, 1), (2, 1, 5), (3, 1, 4099), (4, 6, (3, 11))], ids=str)
+@pytest.mark.parametrize("mode", ONE_PASS_MODES)
+def test_one_pass_odd_shapes(mode, shape):
+    compare("cos_nce", student_only(mode, *shape, seed=3), "mean")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("mode", ONE_PASS_MODES)
+def test_one_pass_other_dtypes(mode, dtype):
+    compare("info_nce", student_only(mode, 4, 5, 70, dtype, seed=4), "mean")
+
+
+def test_one_pass_strided_and_expanded_inputs():
+    base = torch.randn(6, 2, 40)
+    s = base[:, 0].clone().requires_grad_()
+    t = base[:, 1]  # strided rows
+    n = torch.randn(1, 1, 40).expand(6, 3, 40)  # expanded: stride 0
+    compare("cos_nce", (s, t, n, None), "sum")
+
+
+def test_no_gradient_work_under_no_grad_or_inference_mode():
+    s, t, n, _ = student_only("explicit", 4, 3, 50)
+    before = extension().gradient_rows_computed()
+    with torch.no_grad():
+        lk.cos_nce_loss(s, t, n, backend="cpp")
+    with torch.inference_mode():
+        lk.info_nce_loss(s, t, n, backend="cpp")
+    lk.cos_nce_loss(s.detach(), t, n, backend="cpp")  # nothing requires grad
+    assert extension().gradient_rows_computed() == before
+    lk.cos_nce_loss(s, t, n, backend="cpp")
+    assert extension().gradient_rows_computed() == before + 4
+
+
+def test_the_negatives_are_not_kept_for_backward():
+    s, t, n, _ = student_only("explicit", 4, 3, 50)
+    alive = weakref.ref(n)
+    loss = lk.cos_nce_loss(s, t, n, backend="cpp")
+    del n
+    gc.collect()
+    assert alive() is None  # freed after the forward: only G (and the student) are saved
+    loss.backward()
+    assert s.grad is not None and torch.isfinite(s.grad).all()
+
+
+def test_one_pass_is_bit_deterministic_on_any_number_of_threads():
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, max(2, threads), 1):
+            torch.set_num_threads(count)
+            s, t, n, idx = student_only("bank", 3, 4, 40_003, seed=5)
+            loss = lk.cos_nce_loss(s, t, n, idx, backend="cpp")
+            loss.backward()
+            results.append((loss.detach(), s.grad))
+    finally:
+        torch.set_num_threads(threads)
+    for loss, grad in results[1:]:
+        assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
+
+
+def test_a_second_backward_through_a_retained_graph_fails_clearly():
+    s, t, n, _ = student_only("explicit", 3, 2, 20)
+    loss = lk.cos_nce_loss(s, t, n, backend="cpp")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_compile_and_opcheck_on_the_one_pass_op():
+    from lrc_kernels.ops import native
+
+    s, t, n, idx = student_only("bank", 4, 3, 24)
+    torch.library.opcheck(torch.ops.lrc_kernels.one_pass_loss.default,
+                          (s.detach(), t, n, idx, native.BANK, False, 1e-8, 1.0, False, True),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch._dynamo.reset()
+
+    def fn(s, t, n, idx):
+        return lk.cos_nce_loss(s, t, n, idx, backend="cpp")
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    got = compiled(s, t, n, idx)
+    (got_grad,) = torch.autograd.grad(got, s)
+    want = fn(s, t, n, idx)
+    (want_grad,) = torch.autograd.grad(want, s)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_grad, want_grad)
