@@ -167,6 +167,7 @@ def _gather_setup_context(ctx, inputs, output):
     _, norm_s, norm_x, cos = output
     ctx.save_for_backward(student, teacher, negatives, neg_index, norm_s, norm_x, cos)
     ctx.config = (mode, "info_nce" if info_nce else "cos_nce", eps, temperature)
+    ctx.set_materialize_grads(False)  # the norm and cosine outputs get no zero-filled gradients
 
 
 @single_backward
@@ -227,7 +228,7 @@ def _one_pass_setup_context(ctx, inputs, output):
     # G, and the student (a reference, for the double-backward guard); the teacher, negatives or
     # bank are not kept alive for backward.
     ctx.save_for_backward(output[1], inputs[0])
-
+    ctx.set_materialize_grads(False)  # no zero-filled [B, D] gradient for the G output
 
 @single_backward
 def _one_pass_backward(ctx, grad_rows, *unused_grads):
@@ -291,6 +292,7 @@ def _in_batch_setup_context(ctx, inputs, output):
     student, teacher, eps = inputs
     ctx.save_for_backward(student, teacher, *output[1:])
     ctx.eps = eps
+    ctx.set_materialize_grads(False)  # u [D] and the row statistics get no zero-filled gradients
 
 
 @single_backward
