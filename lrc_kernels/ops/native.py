@@ -36,6 +36,20 @@ NO_NEGATIVES, EXPLICIT_NEGATIVES, BANK, TEACHER_BANK = (int(m) for m in (
     NegativeMode.NONE, NegativeMode.EXPLICIT, NegativeMode.BANK, NegativeMode.TEACHER_BANK))
 
 
+def _kernel_arguments(teacher, negatives, neg_index, mode: int, check_index: bool):
+    """(negatives, neg_index) for the extensions, placeholders for absent ones; ``neg_index`` is
+    range-checked here when asked (inside compiled graphs, where the validation layer cannot).
+    Raised in Python: an exception thrown through the CUDA extension crashed the process."""
+    if check_index and mode in (BANK, TEACHER_BANK) and neg_index.numel():
+        rows = (negatives if mode == BANK else teacher).shape[0]
+        lo, hi = (v.item() for v in torch.aminmax(neg_index))
+        if lo < 0 or hi >= rows:
+            raise IndexError(f"neg_index values must lie in [0, {rows}), got values in [{lo}, {hi}]")
+    negatives = _placeholder() if negatives is None else negatives
+    neg_index = _placeholder(torch.int64) if neg_index is None else neg_index
+    return negatives, neg_index
+
+
 def _placeholder(dtype=torch.float32):
     return torch.empty(0, dtype=dtype)
 
@@ -53,14 +67,7 @@ def partials(student: Tensor, teacher: Tensor, negatives: Optional[Tensor], neg_
     ``check_index``: range-check ``neg_index`` here (the validation layer does it in eager
     mode; inside a compiled graph it cannot, so the traced call asks for it).
     """
-    if check_index and mode in (BANK, TEACHER_BANK) and neg_index.numel():
-        # Raised here, in Python: an exception thrown through the CUDA extension crashed the process.
-        rows = (negatives if mode == BANK else teacher).shape[0]
-        lo, hi = (v.item() for v in torch.aminmax(neg_index))
-        if lo < 0 or hi >= rows:
-            raise IndexError(f"neg_index values must lie in [0, {rows}), got values in [{lo}, {hi}]")
-    negatives = _placeholder() if negatives is None else negatives
-    neg_index = _placeholder(torch.int64) if neg_index is None else neg_index
+    negatives, neg_index = _kernel_arguments(teacher, negatives, neg_index, mode, check_index)
     ss, dots, xx = extension_for(student.device).partials(student, teacher, negatives, neg_index, mode)
     return ss, dots, xx
 
@@ -203,13 +210,7 @@ def one_pass_loss(student: Tensor, teacher: Tensor, negatives: Optional[Tensor],
                   mode: int, info_nce: bool, eps: float, temperature: float, need_grad: bool,
                   check_index: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(per-row loss [B], G [B, D] = d loss_b / d s_b (empty without need_grad), |s| [B], |x_j| [B, K+1])."""
-    if check_index and mode in (BANK, TEACHER_BANK) and neg_index.numel():
-        rows = (negatives if mode == BANK else teacher).shape[0]
-        lo, hi = (v.item() for v in torch.aminmax(neg_index))
-        if lo < 0 or hi >= rows:
-            raise IndexError(f"neg_index values must lie in [0, {rows}), got values in [{lo}, {hi}]")
-    negatives = _placeholder() if negatives is None else negatives
-    neg_index = _placeholder(torch.int64) if neg_index is None else neg_index
+    negatives, neg_index = _kernel_arguments(teacher, negatives, neg_index, mode, check_index)
     loss, grad, norm_s, norm_x = extension_for(student.device).one_pass(student, teacher, negatives, neg_index, mode,
                                                                         info_nce, eps, temperature, need_grad)
     loss = loss if loss.dtype == torch.float64 else loss.float()
