@@ -15,7 +15,7 @@ while the row is in cache (the CPU one-pass path does). %BW divides those true m
 today's algorithm elsewhere, not a floor. "x floor" is the time over the single-read floor:
 the inputs' bytes over the read bandwidth of a large torch.sum, measured in the same run.
 
-The backward column is the difference of the forward + backward and forward medians.
+The backward column times backward alone, each time on a fresh graph built untimed.
 
 Only the student requires grad, as in distillation (teacher outputs are detached), so
 "peak added memory <= 1.1x the gradient" compares with the size of grad(student).
@@ -149,10 +149,6 @@ def ours(backend):
 def implementations(device: torch.device, with_compile: bool) -> dict:
     impls = {"naive eager": naive, "best eager": eager_best}
     if with_compile:
-        # Donated buffers forbid retain_graph, which the backward-only timing needs.
-        import torch._functorch.config as functorch_config
-
-        functorch_config.donated_buffer = False
         # A fresh compile per case: past dynamo's recompile limit, calls would silently run eagerly.
         torch._dynamo.reset()
         impls["torch.compile(best eager)"] = torch.compile(eager_best, dynamic=False)
@@ -177,11 +173,16 @@ def measure(case: Case, fn, device, repeats: int) -> dict:
         s, t, n, idx = rotating.next()
         torch.autograd.grad(fn(case.loss, s, t, n, idx), s)
 
+    def fresh_graph():
+        s, t, n, idx = rotating.next()
+        return fn(case.loss, s, t, n, idx), s
+
     fwd = common.median_seconds(forward, device, repeats=repeats)
     both = common.median_seconds(forward_backward, device, repeats=repeats)
-    # The backward alone, as the difference of medians: re-running a retained graph's backward
-    # is not possible for every implementation (the one-pass backward scales its saved G in place).
-    bwd = max(both - fwd, 0.0)
+    # The backward alone, each on a fresh graph built untimed (re-running a retained graph is not
+    # possible for every implementation: the one-pass backward scales its saved G in place).
+    bwd = common.median_seconds(lambda graph: torch.autograd.grad(*graph), device, repeats=repeats,
+                                setup=fresh_graph)
     row = {"fwd_ms": 1e3 * fwd, "bwd_ms": 1e3 * bwd, "fwd_bwd_ms": 1e3 * both}
     if device.type == "cuda":
         row["fwd_bwd_gpu_ms"] = 1e3 * common.gpu_kernel_seconds(forward_backward)

@@ -91,8 +91,20 @@ def synchronize(device: torch.device) -> None:
 # --------------------------------------------------------------------------- timing
 
 
-def median_seconds(fn: Callable[[], object], device: torch.device, *, repeats: int = 10, warmup: int = 2) -> float:
-    """Median wall time of ``fn()`` in seconds."""
+def median_seconds(fn: Callable, device: torch.device, *, repeats: int = 10, warmup: int = 2,
+                   setup: Callable | None = None) -> float:
+    """Median wall time of ``fn()`` in seconds; with ``setup``, of ``fn(setup())``, the setup untimed."""
+    if setup is not None:
+        times = []
+        for i in range(warmup + repeats):
+            arg = setup()
+            synchronize(device)
+            start = time.perf_counter()
+            fn(arg)
+            synchronize(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+        return statistics.median(times)
     if device.type == "cuda":
         import triton.testing
 

@@ -176,7 +176,7 @@ def test_bad_corpus_input_is_named_before_training(base, corpus, tmp_path, capsy
     assert "the corpus is empty" in fails(empty)
     latin = tmp_path / "latin1.txt"
     latin.write_bytes(b"a first line\ncaf\xe9 au lait\n")
-    assert "latin1.txt, line 2: not UTF-8 (byte 0xe9 at byte offset 16)" in fails(latin)
+    assert "latin1.txt, line 2: not UTF-8 (byte 0xe9 at byte offset 16 of the file)" in fails(latin)
     binary = tmp_path / "image.txt"
     binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
     assert "image.txt: a NUL byte at byte offset 8: this looks like a binary file" in fails(binary)

@@ -24,7 +24,7 @@ from typing import Optional
 
 import numpy as np
 
-from .tasks import check_data_files, get_task, scan_tsv
+from .tasks import check_data_files, get_task, scan_tsv, tsv_rows
 
 log = logging.getLogger("lrc_bert")
 
@@ -136,9 +136,8 @@ def augment(cfg: AugmentConfig) -> Path:
     source, out = Path(cfg.data_dir), Path(cfg.output)
     train = split_files(task, source)["train"]
     names, _ = scan_tsv(task, train)
-    lines = train.read_text(encoding="utf-8-sig").splitlines()
-    header = [] if task.tsv_columns is not None else [lines[0]]
-    rows = [line.split("\t") for line in lines[len(header):] if line.strip()]
+    rows = [fields for _, fields in tsv_rows(train)]
+    header = [] if task.tsv_columns is not None else ["\t".join(rows.pop(0))]
     columns = [names.index(c) for c in task.tsv_text]
     augmenter = Augmenter(cfg.mlm, cfg.top_k, cfg.batch_size, cfg.device)
     texts = sorted({row[c] for row in rows for c in columns})

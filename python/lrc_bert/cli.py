@@ -124,37 +124,23 @@ def make_parser() -> argparse.ArgumentParser:
     ft.add_argument("--model", required=True, help="Hugging Face encoder: a local path or a hub name")
     ft.add_argument("--output", required=True, help="run folder: metrics.jsonl, checkpoints/, model/")
     ft.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUTPUT")
-    _add_overwrite(ft)
     ft.add_argument("--ignore-mismatched-sizes", dest="ignore_mismatched_sizes", action="store_true", default=None,
                     help="re-initialise (with a warning) a classification head whose label count is not the task's")
     _add_settings(ft, COMMON_HELP)
-    ft.add_argument("--cuda-graphs", dest="cuda_graphs", action="store_true", default=None, help=CUDA_GRAPHS_HELP)
-    _add_group_by_length(ft)
-    ft.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=None,
-                    help="do not write TensorBoard scalars")
+    _add_switches(ft, "overwrite_output", "cuda_graphs", "group_by_length", "no_tensorboard")
 
     ds = sub.add_parser("distill", help="distill a fine-tuned teacher into a small student (LRC-BERT)")
     ds.add_argument("--teacher", required=True, help="fine-tuned teacher folder (e.g. OUTPUT/model of finetune)")
     ds.add_argument("--output", required=True, help="run folder: metrics.jsonl, checkpoints/, student/")
     ds.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint in OUTPUT")
-    _add_overwrite(ds)
     ds.add_argument("--ignore-mismatched-sizes", dest="ignore_mismatched_sizes", action="store_true", default=None,
                     help="re-initialise (with a warning) a --student-init classification head of another label count")
     ds.add_argument("--assume-label-order", dest="assume_label_order", action="store_true", default=None,
                     help="accept a teacher whose labels are the generic LABEL_i, in the task's canonical order")
     _add_settings(ds, {**COMMON_HELP, **DISTILL_HELP})
-    ds.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=None,
-                    help="do not write TensorBoard scalars")
     _add_layer_map(ds)
-    ds.add_argument("--compile-student", dest="compile_student", action="store_true", default=None,
-                    help="torch.compile the student's encoder (forward and backward)")
-    _add_group_by_length(ds)
-    ds.add_argument("--cuda-graphs", dest="cuda_graphs", action="store_true", default=None,
-                    help=CUDA_GRAPHS_HELP)
-    ds.add_argument("--global-negatives", dest="global_negatives", action="store_true", default=None,
-                    help="under torchrun: COS-NCE negatives from the global batch (teacher rows all-gathered)")
-    ds.add_argument("--reinit-projections", dest="reinit_projections", action="store_true", default=None,
-                    help="with --student-init: do not load the projections saved beside it")
+    _add_switches(ds, "overwrite_output", "no_tensorboard", "compile_student", "group_by_length", "cuda_graphs",
+                  "global_negatives", "reinit_projections")
 
     ct = sub.add_parser("cache-teacher", help="run the teacher once over the training set and store its logits "
                         "and mapped-layer representations (fp16 memory maps) for distill --teacher-cache")
@@ -201,18 +187,11 @@ def make_parser() -> argparse.ArgumentParser:
     gd.add_argument("--dataset-streaming", dest="dataset_streaming", action="store_true", default=None,
                     help="stream --dataset (for corpora that do not fit in memory)")
     gd.add_argument("--resume", action="store_true", help="continue exactly from the latest checkpoint in OUTPUT")
-    _add_overwrite(gd)
     _add_settings(gd, {**{k: COMMON_HELP[k] for k in GENERAL_FROM}, **{k: DISTILL_HELP[k] for k in GENERAL_DISTILL_FROM},
                        **GENERAL_HELP, "max_length": "tokens per packed sequence, [CLS] and [SEP] included (default "
                                                      "128)"})
     _add_layer_map(gd)
-    gd.add_argument("--map-embeddings", dest="map_embeddings", action="store_true", default=None,
-                    help="also map the embedding outputs (layer 0 -> 0) with their own projection")
-    gd.add_argument("--cuda-graphs", dest="cuda_graphs", action="store_true", default=None, help=CUDA_GRAPHS_HELP)
-    gd.add_argument("--global-negatives", dest="global_negatives", action="store_true", default=None,
-                    help="under torchrun: COS-NCE negatives from the global batch")
-    gd.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=None,
-                    help="do not write TensorBoard scalars")
+    _add_switches(gd, "overwrite_output", "map_embeddings", "cuda_graphs", "global_negatives", "no_tensorboard")
 
     au = sub.add_parser("augment", help="TinyBERT's data augmentation: N variants of every training sentence from "
                         "a masked LM's predictions, written in the task's TSV layout")
@@ -238,16 +217,31 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_group_by_length(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--group-by-length", dest="group_by_length", action="store_true", default=None,
-                        help="with --max-length 0 (dynamic padding): batches of rows of similar length, so less "
-                             "padding (the order stays random and resumable)")
+# On/off flags shared by the training commands: name -> (flag, dest, action, help).
+SWITCHES = {
+    "overwrite_output": ("--overwrite-output", "overwrite_output", "store_true",
+                         "OUTPUT already holds a run: delete its checkpoints, metrics, TensorBoard logs and export, "
+                         "and start over (without this, such a folder is refused)"),
+    "cuda_graphs": ("--cuda-graphs", "cuda_graphs", "store_true", CUDA_GRAPHS_HELP),
+    "group_by_length": ("--group-by-length", "group_by_length", "store_true",
+                        "with --max-length 0 (dynamic padding): batches of rows of similar length, so less padding "
+                        "(the order stays random and resumable)"),
+    "no_tensorboard": ("--no-tensorboard", "tensorboard", "store_false", "do not write TensorBoard scalars"),
+    "compile_student": ("--compile-student", "compile_student", "store_true",
+                        "torch.compile the student's encoder (forward and backward)"),
+    "global_negatives": ("--global-negatives", "global_negatives", "store_true",
+                         "under torchrun: COS-NCE negatives from the global batch (teacher rows all-gathered)"),
+    "reinit_projections": ("--reinit-projections", "reinit_projections", "store_true",
+                           "with --student-init: do not load the projections saved beside it"),
+    "map_embeddings": ("--map-embeddings", "map_embeddings", "store_true",
+                       "also map the embedding outputs (layer 0 -> 0) with their own projection"),
+}
 
 
-def _add_overwrite(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--overwrite-output", dest="overwrite_output", action="store_true", default=None,
-                        help="OUTPUT already holds a run: delete its checkpoints, metrics, TensorBoard logs and "
-                             "export, and start over (without this, such a folder is refused)")
+def _add_switches(parser: argparse.ArgumentParser, *names: str) -> None:
+    for name in names:
+        flag, dest, action, text = SWITCHES[name]
+        parser.add_argument(flag, dest=dest, action=action, default=None, help=text)
 
 
 def _add_layer_map(parser: argparse.ArgumentParser) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .checkpoint import atomic_directory
-from .tasks import DataError
+from .tasks import DataError, text_lines
 
 log = logging.getLogger("lrc_bert")
 
@@ -62,31 +62,19 @@ def _file_documents(file: Path) -> Iterator[str]:
         raise DataError(f"{file}: a NUL byte at byte offset {nul}: this looks like a binary file, not text")
     with open(file, "rb") as f:
         blank_separated = any(not line.strip() for line in f)
-    with open(file, "rb") as f:
-        offset, block = 0, []
-        for number, raw in enumerate(f, 1):
-            if b"\0" in raw:
-                at = offset + raw.index(b"\0")
-                raise DataError(f"{file}, line {number}: a NUL byte at byte offset {at}: this looks like a binary "
-                                "file, not text")
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError as exc:
-                raise DataError(f"{file}, line {number}: not UTF-8 (byte 0x{raw[exc.start]:02x} at byte offset "
-                                f"{offset + exc.start})") from None
-            offset += len(raw)
-            if number == 1:
-                line = line.removeprefix("\ufeff")
-            if not blank_separated:
-                if line:
-                    yield line
-            elif line:
-                block.append(line)
-            elif block:
-                yield " ".join(block)
-                block = []
-        if block:
+    block = []
+    for _, line in text_lines(file):
+        line = line.strip()
+        if not blank_separated:
+            if line:
+                yield line
+        elif line:
+            block.append(line)
+        elif block:
             yield " ".join(block)
+            block = []
+    if block:
+        yield " ".join(block)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import FIELDS, PACKAGED_CONFIGS, TrainConfig, build_config
-from .tasks import DataError, TaskSpec, get_task
+from .tasks import DataError, TaskSpec, get_task, tsv_rows
 
 log = logging.getLogger("lrc_bert")
 
@@ -139,10 +139,10 @@ def read_test_file(glue_task: GlueTask, task: TaskSpec, file: Path) -> tuple[lis
     """(indices, texts) of an official GLUE test file; texts are tuples of the task's columns."""
     if not file.is_file():
         raise FileNotFoundError(f"{task.name}: the test file {file} is missing (the GLUE layout has it)")
-    lines = file.read_text(encoding="utf-8-sig").splitlines()
-    if not lines:
+    rows = tsv_rows(file)
+    header = next(rows, (0, None))[1]
+    if header is None:
         raise DataError(f"{file} is empty")
-    header = lines[0].split("\t")
     text_columns = task.tsv_text if not file.name.startswith("diagnostic") else ("sentence1", "sentence2")
     index_column = glue_task.index_column if not file.name.startswith("diagnostic") else "index"
     missing = [c for c in (index_column, *text_columns) if c not in header]
@@ -151,12 +151,7 @@ def read_test_file(glue_task: GlueTask, task: TaskSpec, file: Path) -> tuple[lis
                         f"{index_column!r} for the submission); found {header}")
     at = [header.index(c) for c in (index_column, *text_columns)]
     indices, texts = [], []
-    for number, line in enumerate(lines[1:], 2):
-        if not line.strip():
-            continue
-        fields = line.split("\t")
-        if len(fields) != len(header):
-            raise DataError(f"{file}, line {number}: {len(fields)} tab-separated fields, expected {len(header)}")
+    for _, fields in rows:
         indices.append(fields[at[0]])
         texts.append(tuple(fields[i] for i in at[1:]))
     return indices, texts

@@ -122,15 +122,10 @@ class DataError(ValueError):
     """A data file that cannot be read as the task's TSV layout; names the file and the line."""
 
 
-def scan_tsv(task: TaskSpec, file: Path) -> tuple[list[str], int]:
-    """Check a GLUE-layout TSV line by line before ``datasets`` reads it: UTF-8 (a leading BOM is
-    accepted), the same number of tab-separated fields on every line, at least one row, and
-    known labels. Returns (column names, unlabelled rows) so that dropped rows can be reported.
-    Raises :class:`DataError` naming the file, the line and what is wrong; never drops a row."""
-    names = list(task.tsv_columns) if task.tsv_columns is not None else None
-    label_at = None
-    known = None if task.is_regression else {*task.labels, *(task.tsv_label_values or {})}
-    rows = unlabelled = 0
+def text_lines(file: Path):
+    """(line number, line without its newline) of a UTF-8 text file, streamed. A leading byte-order
+    mark is dropped; bytes that are not UTF-8 raise :class:`DataError` naming the file, the line
+    and the byte offset."""
     with open(file, "rb") as f:
         offset = 0
         for number, raw in enumerate(f, 1):
@@ -141,34 +136,54 @@ def scan_tsv(task: TaskSpec, file: Path) -> tuple[list[str], int]:
                                 f"{offset + exc.start} of the file); re-save the file as UTF-8") from None
             offset += len(raw)
             if number == 1:
-                line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark: accepted
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            fields = line.split("\t")
-            if names is None:
-                names = fields
-                continue
-            if len(fields) != len(names):
-                raise DataError(f"{file}, line {number}: {len(fields)} tab-separated fields, expected {len(names)} "
-                                f"({', '.join(names)})")
-            rows += 1
-            if label_at is None:
-                if task.tsv_label not in names:
-                    raise DataError(f"{file}: no {task.tsv_label!r} column (the {task.name} label); "
-                                    f"found {names}")
-                label_at = names.index(task.tsv_label)
-            label = fields[label_at].strip()
-            if label in ("", "-"):
-                unlabelled += 1
-            elif known is not None and label not in known:
-                raise DataError(f"{file}, line {number}: unknown {task.name} label {label!r}; expected one of "
-                                f"{sorted(known)}")
-            elif known is None:
-                try:
-                    float(label)
-                except ValueError:
-                    raise DataError(f"{file}, line {number}: the {task.name} score {label!r} is not a number") from None
+                line = line.removeprefix("\ufeff")
+            yield number, line.rstrip("\r\n")
+
+
+def tsv_rows(file: Path, width: Optional[int] = None):
+    """(line number, fields) of every non-blank line of a TSV (no quoting, as GLUE's files); every
+    line must have ``width`` fields, by default the first line's (the header)."""
+    for number, line in text_lines(file):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if width is None:
+            width = len(fields)
+        elif len(fields) != width:
+            raise DataError(f"{file}, line {number}: {len(fields)} tab-separated fields, expected {width}")
+        yield number, fields
+
+
+def scan_tsv(task: TaskSpec, file: Path) -> tuple[list[str], int]:
+    """Check a GLUE-layout TSV line by line before ``datasets`` reads it: UTF-8 (a leading BOM is
+    accepted), the same number of tab-separated fields on every line, at least one row, and
+    known labels. Returns (column names, unlabelled rows) so that dropped rows can be reported.
+    Raises :class:`DataError` naming the file, the line and what is wrong; never drops a row."""
+    names = list(task.tsv_columns) if task.tsv_columns is not None else None
+    label_at = None
+    known = None if task.is_regression else {*task.labels, *(task.tsv_label_values or {})}
+    rows = unlabelled = 0
+    for number, fields in tsv_rows(file, len(names) if names else None):
+        if names is None:
+            names = fields
+            continue
+        rows += 1
+        if label_at is None:
+            if task.tsv_label not in names:
+                raise DataError(f"{file}: no {task.tsv_label!r} column (the {task.name} label); "
+                                f"found {names}")
+            label_at = names.index(task.tsv_label)
+        label = fields[label_at].strip()
+        if label in ("", "-"):
+            unlabelled += 1
+        elif known is not None and label not in known:
+            raise DataError(f"{file}, line {number}: unknown {task.name} label {label!r}; expected one of "
+                            f"{sorted(known)}")
+        elif known is None:
+            try:
+                float(label)
+            except ValueError:
+                raise DataError(f"{file}, line {number}: the {task.name} score {label!r} is not a number") from None
     if names is None:
         raise DataError(f"{file} is empty")
     if rows == 0:
