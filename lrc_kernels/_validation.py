@@ -26,7 +26,7 @@ class NegativeMode(enum.IntEnum):
     EXPLICIT = 1  # negatives [B, K, D]
     BANK = 2  # neg_index [B, K] selects rows of a bank [N, D]
     TEACHER_BANK = 3  # neg_index [B, K] selects rows of the teacher itself
-    IN_BATCH = 4  # every other teacher row of the batch (K = B - 1); an algorithm of its own, not a kernel mode
+    IN_BATCH = 4  # every other teacher row of the batch (K = B - 1): the O(B D) algorithm (kInBatch, CPU one pass)
 
     @property
     def indexed(self) -> bool:

@@ -151,3 +151,89 @@ def test_compile_and_opcheck_on_the_one_pass_op():
     (want_grad,) = torch.autograd.grad(want, s)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(got_grad, want_grad)
+
+
+# In-batch COS-NCE (every other teacher row a negative) takes the one pass too: kInBatch.
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("shape", [(2, 1), (7, 37), (5, 4099), (3, (5, 13)), (4, 70_001)], ids=str)
+def test_in_batch_one_pass_matches_float64(shape, reduction):
+    batch, features = shape
+    weights = torch.rand(batch) + 0.5 if reduction == "none" else None
+    compare("cos_nce", student_only("in_batch", batch, batch - 1, features, seed=6), reduction, weights)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_in_batch_one_pass_other_dtypes(dtype):
+    compare("cos_nce", student_only("in_batch", 6, 5, 70, dtype, seed=7), "mean")
+
+
+def test_in_batch_one_pass_strided_teacher_and_zero_rows():
+    base = torch.randn(6, 2, 40, dtype=torch.float64).float()
+    s = base[:, 0].clone()
+    s[2] = 0  # a clamped norm: no gradient through it
+    s.requires_grad_()
+    compare("cos_nce", (s, base[:, 1], None, None), "sum")
+
+
+def test_in_batch_one_pass_no_gradient_work_without_grad_and_teacher_not_kept():
+    s, t, _, _ = student_only("in_batch", 5, 4, 33)
+    before = extension().gradient_rows_computed()
+    with torch.no_grad():
+        lk.cos_nce_loss(s, t, backend="cpp")
+    assert extension().gradient_rows_computed() == before
+    alive = weakref.ref(t)
+    loss = lk.cos_nce_loss(s, t, backend="cpp")
+    assert extension().gradient_rows_computed() == before + 5
+    del t
+    gc.collect()
+    assert alive() is None
+    loss.backward()
+    assert torch.isfinite(s.grad).all()
+
+
+def test_in_batch_one_pass_is_bit_deterministic_on_any_number_of_threads():
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, max(2, threads), 1):
+            torch.set_num_threads(count)
+            s, t, _, _ = student_only("in_batch", 9, 8, 5_003, seed=8)
+            loss = lk.cos_nce_loss(s, t, backend="cpp")
+            loss.backward()
+            results.append((loss.detach(), s.grad))
+    finally:
+        torch.set_num_threads(threads)
+    for loss, grad in results[1:]:
+        assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
+
+
+def test_in_batch_teacher_gradient_takes_the_two_pass_path():
+    s, t, _, _ = student_only("in_batch", 4, 3, 21, seed=9)
+    t.requires_grad_()
+    before = extension().gradient_rows_computed()
+    lk.cos_nce_loss(s, t, backend="cpp").backward()
+    assert extension().gradient_rows_computed() == before  # in_batch_cos_nce, not the one pass
+    t64 = t.detach().double().requires_grad_()
+    s64 = s.detach().double().requires_grad_()
+    lk.cos_nce_loss(s64, t64, backend="torch").backward()
+    assert gradient_error(t.grad, t64.grad, t, 21, 1e-8) < TOLERANCE[torch.float32]
+
+
+def test_compile_and_opcheck_on_the_in_batch_one_pass():
+    from lrc_kernels.ops import native
+
+    s, t, _, _ = student_only("in_batch", 4, 3, 24, seed=10)
+    torch.library.opcheck(torch.ops.lrc_kernels.one_pass_loss.default,
+                          (s.detach(), t, None, None, native.IN_BATCH, False, 1e-8, 1.0, True, False),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch._dynamo.reset()
+
+    def fn(s, t):
+        return lk.cos_nce_loss(s, t, backend="cpp")
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    (got_grad,) = torch.autograd.grad(compiled(s, t), s)
+    (want_grad,) = torch.autograd.grad(fn(s, t), s)
+    torch.testing.assert_close(got_grad, want_grad)

@@ -7,4 +7,5 @@ enum NegativeMode : int {
   kExplicit = 1,     // negatives [B, K, D]
   kBank = 2,         // neg_index [B, K] into a bank [N, D]
   kTeacherBank = 3,  // neg_index [B, K] into the teacher rows themselves
+  kInBatch = 4,      // every other teacher row (K = B - 1): the O(B D) in-batch algorithm (CPU one pass)
 };

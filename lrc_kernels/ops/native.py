@@ -32,8 +32,8 @@ from ._build import extension_for
 from .in_batch import in_batch_backward, in_batch_forward
 
 # The kernels' negative modes (csrc/common/negative_mode.h), as the ints the ops take.
-NO_NEGATIVES, EXPLICIT_NEGATIVES, BANK, TEACHER_BANK = (int(m) for m in (
-    NegativeMode.NONE, NegativeMode.EXPLICIT, NegativeMode.BANK, NegativeMode.TEACHER_BANK))
+NO_NEGATIVES, EXPLICIT_NEGATIVES, BANK, TEACHER_BANK, IN_BATCH = (int(m) for m in (
+    NegativeMode.NONE, NegativeMode.EXPLICIT, NegativeMode.BANK, NegativeMode.TEACHER_BANK, NegativeMode.IN_BATCH))
 
 
 def _kernel_arguments(teacher, negatives, neg_index, mode: int, check_index: bool):
@@ -209,7 +209,10 @@ gather_negatives_loss.register_autograd(_gather_backward, setup_context=_gather_
 def one_pass_loss(student: Tensor, teacher: Tensor, negatives: Optional[Tensor], neg_index: Optional[Tensor],
                   mode: int, info_nce: bool, eps: float, temperature: float, need_grad: bool,
                   check_index: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(per-row loss [B], G [B, D] = d loss_b / d s_b (empty without need_grad), |s| [B], |x_j| [B, K+1])."""
+    """(per-row loss [B], G [B, D] = d loss_b / d s_b (empty without need_grad), |s| [B], |x_j| [B, K+1]).
+
+    ``mode`` IN_BATCH (COS-NCE only): the O(B D) in-batch algorithm, and |x_j| is |t| [B, 1].
+    """
     negatives, neg_index = _kernel_arguments(teacher, negatives, neg_index, mode, check_index)
     loss, grad, norm_s, norm_x = extension_for(student.device).one_pass(student, teacher, negatives, neg_index, mode,
                                                                         info_nce, eps, temperature, need_grad)
@@ -219,7 +222,11 @@ def one_pass_loss(student: Tensor, teacher: Tensor, negatives: Optional[Tensor],
 
 @one_pass_loss.register_fake
 def _(student, teacher, negatives, neg_index, mode, info_nce, eps, temperature, need_grad, check_index):
-    ss, dots, _ = partials(student, teacher, negatives, neg_index, mode, check_index)  # the fake of partials
+    if mode == IN_BATCH:
+        acc = compute_dtype(student, teacher)
+        ss, dots = student.new_empty(student.shape[0], dtype=acc), student.new_empty(student.shape[0], 1, dtype=acc)
+    else:
+        ss, dots, _ = partials(student, teacher, negatives, neg_index, mode, check_index)  # the fake of partials
     loss = ss.new_empty(ss.shape, dtype=torch.float64 if ss.dtype == torch.float64 else torch.float32)
     grad = student.new_empty(student.shape) if need_grad else student.new_empty(0)
     return loss, grad, ss.new_empty(ss.shape), dots.new_empty(dots.shape)
@@ -244,8 +251,9 @@ one_pass_loss.register_autograd(_one_pass_backward, setup_context=_one_pass_setu
 
 
 def _one_pass_applies(problem: ContrastiveProblem) -> bool:
-    """CPU, explicit or indexed negatives, and no gradient wanted but the student's."""
-    return (problem.device.type == "cpu" and problem.mode != NegativeMode.IN_BATCH
+    """CPU, explicit or indexed negatives or in-batch COS-NCE, and no gradient wanted but the student's."""
+    in_batch = problem.mode == NegativeMode.IN_BATCH
+    return (problem.device.type == "cpu" and not (in_batch and problem.loss == "info_nce")
             and not problem.teacher.requires_grad
             and not (problem.negatives is not None and problem.negatives.requires_grad))
 
@@ -312,24 +320,28 @@ def _in_batch_info_nce(problem: ContrastiveProblem) -> tuple[torch.Tensor, torch
     dtype = compute_dtype(problem.student, problem.teacher)
     s, t = problem.student.to(dtype), problem.teacher.to(dtype)
     norm_s, norm_t = torch.linalg.vector_norm(s, dim=1), torch.linalg.vector_norm(t, dim=1)
-    ns, nt = norm_s.clamp_min(problem.eps), norm_t.clamp_min(problem.eps)
-    logits = (s @ t.T) / (ns[:, None] * nt[None, :] * problem.temperature)
-    return torch.logsumexp(logits, dim=1) - logits.diagonal(), norm_s, norm_t
+    # Unit rows before the GEMM (B D work), not a [B, B] division after it: that division's
+    # backward cost more than the GEMMs at B = 256, D = 768.
+    unit_s = s / norm_s.clamp_min(problem.eps)[:, None]
+    unit_t = t / norm_t.clamp_min(problem.eps)[:, None]
+    logits = (unit_s @ unit_t.T) / problem.temperature
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return torch.nn.functional.cross_entropy(logits, labels, reduction="none"), norm_s, norm_t
 
 
 def _native_row_losses(problem: ContrastiveProblem) -> tuple[torch.Tensor, tuple]:
     """(per-row losses, the row norms the kernels computed)."""
-    if problem.mode == NegativeMode.IN_BATCH:
+    mode = int(problem.mode)
+    negatives = problem.negatives
+    index = problem.neg_index.contiguous() if problem.mode.indexed else None
+    check_index = torch.compiler.is_compiling()  # eager calls were range-checked by the validation layer
+    if problem.mode == NegativeMode.IN_BATCH and not _one_pass_applies(problem):
         if problem.loss == "info_nce":
             rows, norm_s, norm_t = _in_batch_info_nce(problem)
             return rows, (norm_s, norm_t)
         rows, _, norm_s, norm_t, _, _ = torch.ops.lrc_kernels.in_batch_cos_nce(problem.student, problem.teacher,
                                                                               problem.eps)
         return rows, (norm_s, norm_t)
-    mode = int(problem.mode)
-    negatives = problem.negatives
-    index = problem.neg_index.contiguous() if problem.mode.indexed else None
-    check_index = torch.compiler.is_compiling()  # eager calls were range-checked by the validation layer
     if _one_pass_applies(problem):
         need_grad = torch.is_grad_enabled() and problem.student.requires_grad
         rows, _, norm_s, norm_x = torch.ops.lrc_kernels.one_pass_loss(
