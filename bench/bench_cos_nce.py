@@ -35,12 +35,12 @@ import common  # the script's own folder is on sys.path when it runs
 
 import lrc_kernels as lk
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
 
 
 @dataclass
 class Case:
-    group: str  # "paper", "cls", "bank", "sweep-D", "sweep-K", "smoke"
+    group: str  # "paper", "cls", "bank", "sweep-D", "sweep-K", "sweep-BD", "dtypes", "smoke"
     loss: str  # "cos_nce" | "info_nce"
     mode: str  # "explicit" | "in_batch" | "indexed"
     dtype: str
@@ -96,10 +96,26 @@ def suite(device: torch.device, smoke: bool) -> list[Case]:
             ]
         cases += [Case("sweep-D", "cos_nce", "explicit", dtype, 16, 15, d) for d in (768, 3072, 12288, 49152)]
         cases += [Case("sweep-K", "cos_nce", "explicit", dtype, 16, k, 12288) for k in (1, 4, 63, 127)]
+    if device.type == "cpu":
+        # The other CPU dtypes at the paper shape and the [CLS] shape.
+        cases += [Case("dtypes", "cos_nce", mode, dtype, *shape) for dtype in ("bf16", "fp64")
+                  for mode, shape in (("explicit", (16, 15, 98304)), ("in_batch", (256, 255, 768)))]
+        # auto against best eager over B x D (explicit K = 15 up to 256 MiB of negatives).
+        for batch in (2, 16, 256):
+            for dim in (64, 768, 3072, 12288, 98304):
+                cases += [Case("sweep-BD", loss, "in_batch", "fp32", batch, batch - 1, dim)
+                          for loss in ("cos_nce", "info_nce")]
+                if batch * 15 * dim <= 1 << 26:
+                    cases.append(Case("sweep-BD", "cos_nce", "explicit", "fp32", batch, 15, dim))
     return cases
 
 
 # --------------------------------------------------------------------------- baselines
+
+
+def _acc(x):
+    """The op's accumulation dtype: fp64 for fp64 inputs, else fp32."""
+    return x.double() if x.dtype == torch.float64 else x.float()
 
 
 def _finish(loss, pos, neg, temperature=0.1):
@@ -117,14 +133,14 @@ def naive(loss, s, t, n, idx):
         n = t[others]
     elif idx is not None:
         n = n[idx]
-    pos = F.cosine_similarity(s.float(), t.float(), dim=-1, eps=1e-8)
-    neg = F.cosine_similarity(s.float()[:, None], n.float(), dim=-1, eps=1e-8)
+    pos = F.cosine_similarity(_acc(s), _acc(t), dim=-1, eps=1e-8)
+    neg = F.cosine_similarity(_acc(s)[:, None], _acc(n), dim=-1, eps=1e-8)
     return _finish(loss, pos, neg)
 
 
 def eager_best(loss, s, t, n, idx):
     """What a practitioner writes: F.normalize, then einsum (explicit/indexed) or one matmul (in-batch)."""
-    s_hat, t_hat = F.normalize(s.float(), dim=-1, eps=1e-8), F.normalize(t.float(), dim=-1, eps=1e-8)
+    s_hat, t_hat = F.normalize(_acc(s), dim=-1, eps=1e-8), F.normalize(_acc(t), dim=-1, eps=1e-8)
     pos = (s_hat * t_hat).sum(-1)
     if n is None and idx is None:
         cos = s_hat @ t_hat.T
@@ -134,7 +150,7 @@ def eager_best(loss, s, t, n, idx):
         return F.cross_entropy(cos / 0.1, torch.arange(batch, device=s.device))
     if idx is not None:
         n = n[idx]
-    neg = torch.einsum("bd,bkd->bk", s_hat, F.normalize(n.float(), dim=-1, eps=1e-8))
+    neg = torch.einsum("bd,bkd->bk", s_hat, F.normalize(_acc(n), dim=-1, eps=1e-8))
     return _finish(loss, pos, neg)
 
 
@@ -146,7 +162,9 @@ def ours(backend):
     return run
 
 
-def implementations(device: torch.device, with_compile: bool) -> dict:
+def implementations(device: torch.device, with_compile: bool, group: str = "") -> dict:
+    if group == "sweep-BD":  # the question there is only whether auto ever loses to eager
+        return {"best eager": eager_best, "lrc_kernels[auto]": ours("auto")}
     impls = {"naive eager": naive, "best eager": eager_best}
     if with_compile:
         # A fresh compile per case: past dynamo's recompile limit, calls would silently run eagerly.
@@ -213,7 +231,7 @@ def run(args) -> dict:
         min_bytes = case.min_bytes()
         # The single-read floor, measured in this run: reading the inputs' bytes once.
         floor_s = case.input_bytes() / common.read_bandwidth(device, case.input_bytes())
-        impls = implementations(device, with_compile=not args.no_compile and case.group in compile_groups)
+        impls = implementations(device, not args.no_compile and case.group in compile_groups, case.group)
         for name, fn in impls.items():
             try:
                 row = measure(case, fn, device, args.repeats)
@@ -230,7 +248,7 @@ def run(args) -> dict:
             results.append({"case": asdict(case), "label": case.label, "impl": name, **row})
             status = row.get("error") or f"{row['fwd_bwd_ms']:.3f} ms fwd+bwd"
             print(f"{case.label:62} {name:28} {status}", flush=True)
-    jobs = [(row["case"], row["impl"]) for row in results if "error" not in row]
+    jobs = [(row["case"], row["impl"]) for row in results if "error" not in row and row["case"]["group"] != "sweep-BD"]
     if device.type == "cpu":
         # A fresh process that pins glibc's mmap threshold before its first allocation: here,
         # heap chunks freed by the timings would be reused unseen, and pinning slows timings.
@@ -239,7 +257,8 @@ def run(args) -> dict:
     else:
         peaks = [measure_peak(Case(**case), implementations(device, impl.startswith("torch.compile"))[impl], device)
                  for case, impl in jobs]
-    for row, peak in zip((r for r in results if "error" not in r), peaks):
+    measured = (r for r in results if "error" not in r and r["case"]["group"] != "sweep-BD")  # speed only there
+    for row, peak in zip(measured, peaks):
         case = Case(**row["case"])
         row["peak_added_bytes"] = peak
         if peak is not None:
@@ -301,7 +320,7 @@ def markdown(payload: dict) -> str:
         if "error" in r:
             rows.append([r["label"], r["impl"], r["error"]] + [None] * (width + 2))
             continue
-        peak = r["peak_added_bytes"]
+        peak = r.get("peak_added_bytes")
         row = [
             r["label"], r["impl"], r["fwd_ms"], r["bwd_ms"], r["fwd_bwd_ms"],
             r.get("speedup_vs_eager"), r.get("speedup_vs_compile"),
@@ -317,6 +336,12 @@ def markdown(payload: dict) -> str:
         header += ["GPU fwd+bwd ms", "GPU x eager", "GPU x compile"]
     header += ["peak MiB", "peak/grad", "%BW" + (" (GPU time)" if gpu else ""), "2-pass %BW", "x floor"]
     table = common.markdown_table(header, rows)
+    sweep = [r for r in payload["results"] if r["impl"] == "lrc_kernels[auto]" and r.get("speedup_vs_eager")]
+    if sweep:
+        worst = min(sweep, key=lambda r: r["speedup_vs_eager"])
+        table += (f"\n\n`auto` against best eager over the B x D sweep ({len(sweep)} shapes, B 2 to 256, D 64 to "
+                  f"98,304): worst {worst['speedup_vs_eager']:.2f}x ({worst['label']}), median "
+                  f"{sorted(r['speedup_vs_eager'] for r in sweep)[len(sweep) // 2]:.2f}x.")
     return head + "\n\n" + table + "\n\n![speedup and roofline](" + f"{env['device_slug']}-cos_nce.png)"
 
 

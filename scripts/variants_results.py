@@ -81,14 +81,24 @@ def main(argv=None) -> int:
         _one_run(args, args.run)
         return 0
     if not args.report_only:
-        budget = BUDGETS[args.budget]
-        first = [r for r in ("teacher", "general") if not (out / f"{r}.json").is_file()]
-        _parallel(first, args)  # independent: the general stage uses the encoder as it is
-        students = [f"{variant}::{data}::{seed}" for data in DATA for variant in VARIANTS
-                    for seed in range(budget["seeds"]) if not (out / f"{_name(variant, data, seed)}.json").is_file()]
-        _parallel(students, args)
+        # run -> the runs it needs: LRC-BERT₁ starts once the teacher is done, LRC-BERT also
+        # needs the general student (which uses the encoder as it is, so it runs beside the teacher).
+        needs = {"teacher": (), "general": ()}
+        for data in DATA:
+            for variant in VARIANTS:
+                for seed in range(BUDGETS[args.budget]["seeds"]):
+                    needs[f"{variant}::{data}::{seed}"] = ("teacher", "general") if variant == "LRC-BERT" else ("teacher",)
+        _schedule(needs, args)
     report(out)
     return 0
+
+
+def _result(out: Path, run: str) -> Path:
+    """The JSON a finished run leaves."""
+    if run in ("teacher", "general"):
+        return out / f"{run}.json"
+    variant, data, seed = run.split("::")
+    return out / f"{_name(variant, data, int(seed))}.json"
 
 
 def _name(variant: str, data: str, seed: int) -> str:
@@ -176,27 +186,43 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _parallel(runs: list[str], args) -> None:
-    """``--jobs`` child processes at a time; a failed run is reported and the others go on."""
+def _schedule(needs: dict, args) -> None:
+    """Each run in its own process, ``--jobs`` at a time, once the runs it needs are done. A run
+    already done (its JSON exists) is skipped; a failed run is reported, and the runs that need
+    it are skipped, not started."""
+    out = Path(args.output)
     threads = BUDGETS[args.budget]["jobs_threads"]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     if threads and args.jobs > 1:
         env["OMP_NUM_THREADS"] = str(threads)
-    pending, active = list(runs), []
+    pending = [run for run in needs if not _result(out, run).is_file()]
+    active, failed = [], set()
     while pending or active:
-        while pending and len(active) < max(1, args.jobs):
-            run = pending.pop(0)
-            log = open(Path(args.output) / f"{run.replace('::', '-')}.log", "w")
+        for run in [r for r in pending if failed & set(needs[r])]:
+            pending.remove(run)
+            failed.add(run)
+            print(f"{run}: skipped (needs {', '.join(sorted(failed & set(needs[run])))}, which failed)", flush=True)
+        ready = [r for r in pending if all(_result(out, d).is_file() for d in needs[r])]
+        while ready and len(active) < max(1, args.jobs):
+            run = ready.pop(0)
+            pending.remove(run)
+            log = open(out / f"{run.replace('::', '-')}.log", "w")
             cmd = [sys.executable, __file__, "--budget", args.budget, "--output", args.output, "--data-dir",
                    args.data_dir, "--teacher-model", args.teacher_model, "--run", run]
             active.append((run, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+        if not active and pending and not ready:
+            raise SystemExit(f"cannot start {pending}: what they need is neither done nor running")
         time.sleep(2)
         for item in list(active):
             run, proc, log = item
             if proc.poll() is not None:
                 log.close()
                 active.remove(item)
-                print(f"{run}: {'done' if proc.returncode == 0 else f'FAILED ({proc.returncode})'}", flush=True)
+                if proc.returncode == 0 and _result(out, run).is_file():
+                    print(f"{run}: done", flush=True)
+                else:
+                    failed.add(run)
+                    print(f"{run}: FAILED ({proc.returncode}; see {log.name})", flush=True)
 
 
 def report(out: Path) -> None:
