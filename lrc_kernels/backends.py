@@ -80,12 +80,14 @@ def _cpp_compiler_present() -> bool:
 _REGISTRY: dict[str, Backend] = {}
 _FAILED: dict[str, str] = {}  # backends whose build/load failed: auto skips them, warning once
 _AVAILABLE: dict[str, bool] = {}  # probes touch the file system: once per process, not per call
+_AUTO_CHOICE: dict[str, Callable] = {}  # device type -> what "auto" loaded (eager calls; small shapes pay per call)
 
 
 def register_backend(backend: Backend) -> None:
     """Add (or replace) a backend; ``backend.name`` becomes a valid ``backend=`` value."""
     _REGISTRY[backend.name] = backend
     _AVAILABLE.pop(backend.name, None)
+    _AUTO_CHOICE.clear()
 
 
 register_backend(Backend("torch", _load_reference, ("cpu", "cuda", "mps", "xpu"),
@@ -130,6 +132,8 @@ def resolve(name: str, device: torch.device) -> Callable[[ContrastiveProblem], t
     """The ``row_losses`` of the named backend, or of the fastest available one for ``auto``.
     ``name`` was checked by :func:`check_backend_name` (once per call, in ``functional.py``)."""
     compiling = torch.compiler.is_compiling()
+    if name == "auto" and not compiling and device.type in _AUTO_CHOICE:
+        return _AUTO_CHOICE[device.type]
     if name == "auto":
         candidates = sorted(
             (b for b in _REGISTRY.values()
@@ -139,7 +143,10 @@ def resolve(name: str, device: torch.device) -> Callable[[ContrastiveProblem], t
         )
         for backend in candidates:
             try:
-                return backend.load()
+                loaded = backend.load()
+                if not compiling:
+                    _AUTO_CHOICE[device.type] = loaded
+                return loaded
             except Exception as exc:  # a failed build must not break training: fall back, say so once
                 _FAILED[backend.name] = f"{type(exc).__name__}: {exc}"
                 warnings.warn(

@@ -158,15 +158,18 @@ def test_compile_and_opcheck_on_the_one_pass_op():
 
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("shape", [(2, 1), (7, 37), (5, 4099), (3, (5, 13)), (4, 70_001)], ids=str)
-def test_in_batch_one_pass_matches_float64(shape, reduction):
+@pytest.mark.parametrize("loss", LOSSES)
+def test_in_batch_one_pass_matches_float64(loss, shape, reduction):
     batch, features = shape
     weights = torch.rand(batch) + 0.5 if reduction == "none" else None
-    compare("cos_nce", student_only("in_batch", batch, batch - 1, features, seed=6), reduction, weights)
+    kwargs = {"temperature": 0.2} if loss == "info_nce" else {}
+    compare(loss, student_only("in_batch", batch, batch - 1, features, seed=6), reduction, weights, **kwargs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
-def test_in_batch_one_pass_other_dtypes(dtype):
-    compare("cos_nce", student_only("in_batch", 6, 5, 70, dtype, seed=7), "mean")
+@pytest.mark.parametrize("loss", LOSSES)
+def test_in_batch_one_pass_other_dtypes(loss, dtype):
+    compare(loss, student_only("in_batch", 6, 5, 70, dtype, seed=7), "mean")
 
 
 def test_in_batch_one_pass_strided_teacher_and_zero_rows():

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -118,6 +119,41 @@ template <typename acc_t>
 inline void axpy(acc_t alpha, const acc_t* x, int64_t n, acc_t* y) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+// The [B, B] loops of in-batch InfoNCE: plain SIMD loops (multiplies only; the reductions
+// declared to omp simd, whose lane order is fixed, so the same bits on every run).
+// x[j] *= scale * v[j]; returns max_j x[j]
+template <typename acc_t>
+inline acc_t scale_and_max(acc_t* x, const acc_t* v, acc_t scale, int64_t n) {
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] *= scale * v[i];
+    m = std::max(m, x[i]);
+  }
+  return m;
+}
+
+template <typename acc_t>
+inline acc_t sum(const acc_t* x, int64_t n) {
+  acc_t total = 0;
+#pragma omp simd reduction(+ : total)
+  for (int64_t i = 0; i < n; ++i) total += x[i];
+  return total;
+}
+
+// w = p_scale ex; returns sum_i w_i z_i, and z becomes w * c_scale * v.
+template <typename acc_t>
+inline acc_t softmax_coefficients(const acc_t* ex, acc_t p_scale, acc_t c_scale, const acc_t* v, int64_t n, acc_t* z) {
+  acc_t wz = 0;
+#pragma omp simd reduction(+ : wz)
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t w = ex[i] * p_scale;
+    wz += w * z[i];
+    z[i] = w * c_scale * v[i];
+  }
+  return wz;
 }
 
 at::ScalarType acc_type(std::initializer_list<at::ScalarType> dtypes) {
@@ -508,16 +544,108 @@ std::vector<at::Tensor> in_batch_one_pass(const at::Tensor& student, const at::T
   return {loss, grad, norm_s, norm_t};
 }
 
+// In-batch InfoNCE for the student alone: two GEMMs of the raw rows (BLAS does these best) and
+// the [B, B] algebra between them, with no autograd graph: c = (s t^T) / (|s| |t|^T),
+// loss_b = logsumexp_j(c_bj / tau) - c_bb / tau, and with w = (softmax(c / tau) - I) / tau,
+// G = (w / (|s| |t|^T)) t + sigma s, sigma_b = -(sum_j w_bj c_bj) / |s_b|^2.
+// Returns (loss [B], G or undefined, |s| [B], |t| [B, 1]).
+std::vector<at::Tensor> in_batch_info_nce_one_pass(const at::Tensor& student, const at::Tensor& teacher, double eps,
+                                                   double temperature, bool need_grad) {
+  const int64_t B = student.size(0);
+  TORCH_CHECK(B >= 2, "in-batch negatives need B >= 2");
+  const auto acc = acc_type({student.scalar_type(), teacher.scalar_type()});
+  const at::Tensor s = student.to(acc).contiguous(), t = teacher.to(acc).contiguous();
+  const int64_t D = s.size(1);
+  // Small problems in plain loops: a dozen ATen calls cost more than the work below ~2^18 FMAs.
+  const bool small = B * B * D <= (int64_t(1) << 18);
+  at::Tensor norm_s, norm_t, dots;
+  if (small) {
+    norm_s = at::empty({B}, s.options()), norm_t = at::empty({B}, s.options()), dots = at::empty({B, B}, s.options());
+    LRC_DISPATCH_ACC(acc, [&] {
+      const acc_t *ps = s.data_ptr<acc_t>(), *pt = t.data_ptr<acc_t>();
+      acc_t *pd = dots.data_ptr<acc_t>(), *pns = norm_s.data_ptr<acc_t>(), *pnt = norm_t.data_ptr<acc_t>();
+      for (int64_t b = 0; b < B; ++b) {
+        acc_t ss = 0, tt = 0, unused = 0;
+        dot_and_square<acc_t>(ps + b * D, ps + b * D, D, unused, ss);
+        dot_and_square<acc_t>(pt + b * D, pt + b * D, D, unused, tt);
+        pns[b] = std::sqrt(ss), pnt[b] = std::sqrt(tt);
+        for (int64_t j = 0; j < B; ++j) {
+          acc_t dot = 0;
+          dot_and_square<acc_t>(pt + j * D, ps + b * D, D, dot, unused);
+          pd[b * B + j] = dot;
+        }
+      }
+    });
+  } else {
+    norm_s = at::linalg_vector_norm(s, 2, {1}), norm_t = at::linalg_vector_norm(t, 2, {1});
+    dots = at::mm(s, t.t());
+  }
+  // dots becomes z = c / tau in place; exp(z - max) goes through ATen's vectorised exp (a scalar
+  // std::exp per element cost more than the GEMMs at B = 256, D = 64); then z becomes the
+  // coefficients w / (|s| |t|^T), the left side of G's product with t.
+  auto loss = at::empty({B}, norm_s.options()), sigma = at::empty({B}, norm_s.options());
+  auto zmax = at::empty({B, 1}, norm_s.options());
+  LRC_DISPATCH_ACC(acc, [&] {
+    const acc_t e = static_cast<acc_t>(eps), inv_t = static_cast<acc_t>(1.0 / temperature);
+    const acc_t* pns = norm_s.data_ptr<acc_t>();
+    const at::Tensor inv_nt_t = norm_t.clamp_min(eps).reciprocal();
+    const acc_t* inv_nt = inv_nt_t.data_ptr<acc_t>();
+    acc_t *pz = dots.data_ptr<acc_t>(), *pmax = zmax.data_ptr<acc_t>();
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        acc_t* row = pz + b * B;
+        const acc_t scale = inv_t / std::max(pns[b], e);
+        pmax[b] = scale_and_max<acc_t>(row, inv_nt, scale, B);
+      }
+    });
+    const at::Tensor expz = (dots - zmax).exp_();
+    const acc_t* pe = expz.data_ptr<acc_t>();
+    acc_t *pl = loss.data_ptr<acc_t>(), *psig = sigma.data_ptr<acc_t>();
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        acc_t* row = pz + b * B;
+        const acc_t* ex = pe + b * B;
+        const acc_t total = sum<acc_t>(ex, B);
+        pl[b] = pmax[b] + std::log(total) - row[b];
+        if (!need_grad) continue;
+        // w_j = (p_j - [j = b]) / tau; the coefficient of t_j is w_j / (|s| |t_j|).
+        const acc_t ns = std::max(pns[b], e), p_scale = inv_t / total, c_scale = acc_t(1) / ns;
+        const acc_t z_b = row[b];
+        const acc_t wz = softmax_coefficients<acc_t>(ex, p_scale, c_scale, inv_nt, B, row) - inv_t * z_b;
+        row[b] -= inv_t * c_scale * inv_nt[b];
+        psig[b] = pns[b] >= e ? -(wz / inv_t) / (ns * ns) : acc_t(0);  // sum_j w_j c_j = tau sum_j w_j z_j
+      }
+    });
+  });
+  at::Tensor grad;
+  if (need_grad && small) {
+    grad = at::empty({B, D}, student.options());
+    LRC_DISPATCH_ACC(acc, [&] {
+      const acc_t *ps = s.data_ptr<acc_t>(), *pt = t.data_ptr<acc_t>(), *pa = dots.data_ptr<acc_t>();
+      const acc_t* psig = sigma.data_ptr<acc_t>();
+      std::vector<acc_t> g(D);
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t i = 0; i < D; ++i) g[i] = psig[b] * ps[b * D + i];
+        for (int64_t j = 0; j < B; ++j) axpy<acc_t>(pa[b * B + j], pt + j * D, D, g.data());
+        store<acc_t>(g.data(), grad.scalar_type(), D, static_cast<char*>(grad.data_ptr()) + b * D * grad.element_size());
+      }
+    });
+  } else if (need_grad) {
+    grad = at::addmm(s * sigma.unsqueeze(1), dots, t).to(student.scalar_type());
+  }
+  if (need_grad) g_gradient_rows.fetch_add(B, std::memory_order_relaxed);
+  return {loss, grad, norm_s, norm_t.unsqueeze(1)};
+}
+
 // Returns (loss [B], G [B, D] in the student's dtype or undefined, |s| [B], |x_j| [B, J]).
 std::vector<at::Tensor> one_pass(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& negatives,
                                  const at::Tensor& index, int64_t mode, bool info_nce, double eps, double temperature,
                                  bool need_grad) {
   check_rows(student, "student");
   check_rows(teacher, "teacher");
-  if (mode == kInBatch) {
-    TORCH_CHECK(!info_nce, "the in-batch one pass is COS-NCE only");
-    return in_batch_one_pass(student, teacher, eps, need_grad);
-  }
+  if (mode == kInBatch)
+    return info_nce ? in_batch_info_nce_one_pass(student, teacher, eps, temperature, need_grad)
+                    : in_batch_one_pass(student, teacher, eps, need_grad);
   const int64_t B = student.size(0), D = student.size(1);
   const Negatives neg = make_negatives(mode, teacher, negatives, index);
   const int64_t J = neg.num_neg + 1, chunks = (D + kChunk - 1) / kChunk;

@@ -20,6 +20,7 @@ the autograd Functions around them are plain traceable Python, so
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional
 
 import torch
@@ -211,7 +212,8 @@ def one_pass_loss(student: Tensor, teacher: Tensor, negatives: Optional[Tensor],
                   check_index: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(per-row loss [B], G [B, D] = d loss_b / d s_b (empty without need_grad), |s| [B], |x_j| [B, K+1]).
 
-    ``mode`` IN_BATCH (COS-NCE only): the O(B D) in-batch algorithm, and |x_j| is |t| [B, 1].
+    ``mode`` IN_BATCH: the in-batch algorithms (COS-NCE in O(B D); InfoNCE as two GEMMs), and
+    |x_j| is |t| [B, 1].
     """
     negatives, neg_index = _kernel_arguments(teacher, negatives, neg_index, mode, check_index)
     loss, grad, norm_s, norm_x = extension_for(student.device).one_pass(student, teacher, negatives, neg_index, mode,
@@ -250,10 +252,32 @@ def _one_pass_backward(ctx, grad_rows, *unused_grads):
 one_pass_loss.register_autograd(_one_pass_backward, setup_context=_one_pass_setup_context)
 
 
+class _OnePass(torch.autograd.Function):
+    """Eager calls of the one pass: the extension straight from an autograd.Function. The custom
+    op's dispatch costs about 0.1 ms a call, which decides small shapes; compiled graphs take
+    ``one_pass_loss``, which torch.compile traces. The same kernel, G saved, the backward a scale."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, negatives, neg_index, mode, info_nce, eps, temperature, need_grad):
+        negatives, neg_index = _kernel_arguments(teacher, negatives, neg_index, mode, False)
+        loss, grad, norm_s, norm_x = extension_for(student.device).one_pass(
+            student, teacher, negatives, neg_index, mode, info_nce, eps, temperature, need_grad)
+        ctx.save_for_backward(grad if need_grad else None, student)
+        ctx.mark_non_differentiable(norm_s, norm_x)
+        ctx.set_materialize_grads(False)
+        return (loss if loss.dtype == torch.float64 else loss.float()), norm_s, norm_x
+
+    @staticmethod
+    @single_backward
+    def backward(ctx, grad_rows, *unused_grads):
+        grad, _ = ctx.saved_tensors
+        grad.mul_(grad_rows.to(grad.dtype)[:, None])  # in place, as in _one_pass_backward
+        return grad, None, None, None, None, None, None, None, None
+
+
 def _one_pass_applies(problem: ContrastiveProblem) -> bool:
-    """CPU, explicit or indexed negatives or in-batch COS-NCE, and no gradient wanted but the student's."""
-    in_batch = problem.mode == NegativeMode.IN_BATCH
-    return (problem.device.type == "cpu" and not (in_batch and problem.loss == "info_nce")
+    """CPU, and no gradient wanted but the student's."""
+    return (problem.device.type == "cpu"
             and not problem.teacher.requires_grad
             and not (problem.negatives is not None and problem.negatives.requires_grad))
 
@@ -344,9 +368,12 @@ def _native_row_losses(problem: ContrastiveProblem) -> tuple[torch.Tensor, tuple
         return rows, (norm_s, norm_t)
     if _one_pass_applies(problem):
         need_grad = torch.is_grad_enabled() and problem.student.requires_grad
-        rows, _, norm_s, norm_x = torch.ops.lrc_kernels.one_pass_loss(
-            problem.student, problem.teacher, negatives, index, mode, problem.loss == "info_nce", problem.eps,
-            problem.temperature, need_grad, check_index)
+        arguments = (problem.student, problem.teacher, negatives, index, mode, problem.loss == "info_nce",
+                     problem.eps, problem.temperature, need_grad)
+        if torch.compiler.is_compiling():
+            rows, _, norm_s, norm_x = torch.ops.lrc_kernels.one_pass_loss(*arguments, check_index)
+        else:
+            rows, norm_s, norm_x = _OnePass.apply(*arguments)
         return rows, (norm_s, norm_x)
     rows, norm_s, norm_x, _ = torch.ops.lrc_kernels.gather_negatives_loss(
         problem.student, problem.teacher, negatives, index, mode, problem.loss == "info_nce", problem.eps,
@@ -365,9 +392,11 @@ def row_losses(problem: ContrastiveProblem) -> torch.Tensor:
     host sync per call, so there the kernels' NaN stands (never a silent wrong value).
     """
     with torch.autocast(problem.device.type, enabled=False):
-        rows, norms = _native_row_losses(problem)
-        if problem.device.type == "cpu" and not torch.compiler.is_compiling() and not all(
-                bool(torch.isfinite(n).all()) for n in norms):
+        rows, (norm_s, norm_x) = _native_row_losses(problem)
+        # One read: a NaN or Inf norm makes the sum non-finite (a finite sum past fp32's range
+        # also sends the call to the reference, which is then only slower).
+        if problem.device.type == "cpu" and not torch.compiler.is_compiling() and not math.isfinite(
+                norm_s.sum().add_(norm_x.sum()).item()):
             from .. import reference
 
             return reference.row_losses(problem)
