@@ -714,9 +714,26 @@ std::vector<at::Tensor> one_pass(const at::Tensor& student, const at::Tensor& te
       std::vector<acc_t> sums(chunks * (1 + 2 * J)), total(1 + 2 * J), A(J);
       for (int64_t b = 0; b < B; ++b) {
         at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+          // x_j-major over this thread's chunks: each x_j streams from DRAM as one long run while
+          // the student's chunks stay in L2 (16 KiB pieces of J + 1 rows in turn kept the
+          // prefetchers restarting). The same per-chunk sums as chunk_sums, so the same bits.
           std::vector<acc_t> s_buf(kChunk), x_buf(kChunk);
-          for (int64_t c = begin; c < end; ++c)
-            chunk_sums(b, c, sums.data() + c * (1 + 2 * J), s_buf.data(), x_buf.data());
+          for (int64_t c = begin; c < end; ++c) {
+            const int64_t d0 = c * kChunk, n = std::min(kChunk, D - d0);
+            const acc_t* s = load<acc_t>(s_rows.row(b) + d0 * s_rows.elem, s_rows.dtype, n, s_buf.data());
+            acc_t unused = 0;
+            sums[c * (1 + 2 * J)] = 0;
+            dot_and_square<acc_t>(s, s, n, unused, sums[c * (1 + 2 * J)]);
+          }
+          for (int64_t j = 0; j < J; ++j)
+            for (int64_t c = begin; c < end; ++c) {
+              const int64_t d0 = c * kChunk, n = std::min(kChunk, D - d0);
+              acc_t* out = sums.data() + c * (1 + 2 * J);
+              const acc_t* s = load<acc_t>(s_rows.row(b) + d0 * s_rows.elem, s_rows.dtype, n, s_buf.data());
+              const acc_t* x = load<acc_t>(x_row(b, j) + d0 * x_src(j).elem, x_src(j).dtype, n, x_buf.data());
+              out[1 + j] = 0, out[1 + J + j] = 0;
+              dot_and_square<acc_t>(s, x, n, out[1 + j], out[1 + J + j]);
+            }
         });
         std::fill(total.begin(), total.end(), acc_t(0));
         for (int64_t c = 0; c < chunks; ++c)  // a fixed order: the same bits on any number of threads
