@@ -8,10 +8,12 @@ and, in the backward, w = dL/dc; ``weighted_backward`` then streams the gradient
 sigma s + sum_j A_j x_j (student) and A_j s + G_j x_j (x_j), with the per-row coefficients
 A_j, G_j and sigma of that formula scaled by the incoming gradient go.
 
-In-batch COS-NCE is the shared O(B D) algorithm of ``in_batch.py`` over the
-``weighted_colsum`` / ``row_dot_vec`` / ``row_combine`` primitives. In-batch InfoNCE is
-one GEMM of the raw rows divided by the norm product, in torch (BLAS and cuBLAS do that
-best).
+On CPU, when only the student needs a gradient (distillation), every mode takes the one pass
+(``one_pass_loss``): the loss and G = d loss_b / d s_b in one sweep, the backward a scale;
+in-batch COS-NCE runs its O(B D) algorithm there and in-batch InfoNCE two GEMMs. Otherwise
+in-batch COS-NCE is the shared O(B D) algorithm of ``in_batch.py`` over the
+``weighted_colsum`` / ``row_dot_vec`` / ``row_combine`` primitives, and in-batch InfoNCE one
+GEMM of unit rows in torch (BLAS and cuBLAS do that best).
 
 The primitives are ``torch.ops.lrc_kernels.*`` custom ops with fake (meta) kernels, and
 the autograd Functions around them are plain traceable Python, so
