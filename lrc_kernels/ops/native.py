@@ -242,13 +242,18 @@ def _one_pass_setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1], inputs[0])
     ctx.set_materialize_grads(False)  # no zero-filled [B, D] gradient for the G output
 
+
+def _scaled_saved_gradient(ctx, grad_rows):
+    """G scaled by grad_output, in place: no second [B, D] buffer. A second backward through a
+    retained graph then fails clearly (autograd sees the saved tensor modified) instead of
+    reading a scaled G."""
+    grad, _ = ctx.saved_tensors
+    return grad.mul_(grad_rows.to(grad.dtype)[:, None])
+
+
 @single_backward
 def _one_pass_backward(ctx, grad_rows, *unused_grads):
-    grad, _ = ctx.saved_tensors
-    # In place: no second [B, D] buffer. A second backward through a retained graph then fails
-    # clearly (autograd sees the saved tensor modified) instead of reading a scaled G.
-    grad.mul_(grad_rows.to(grad.dtype)[:, None])
-    return grad, None, None, None, None, None, None, None, None, None
+    return _scaled_saved_gradient(ctx, grad_rows), None, None, None, None, None, None, None, None, None
 
 
 one_pass_loss.register_autograd(_one_pass_backward, setup_context=_one_pass_setup_context)
@@ -272,9 +277,7 @@ class _OnePass(torch.autograd.Function):
     @staticmethod
     @single_backward
     def backward(ctx, grad_rows, *unused_grads):
-        grad, _ = ctx.saved_tensors
-        grad.mul_(grad_rows.to(grad.dtype)[:, None])  # in place, as in _one_pass_backward
-        return grad, None, None, None, None, None, None, None, None
+        return _scaled_saved_gradient(ctx, grad_rows), None, None, None, None, None, None, None, None
 
 
 def _one_pass_applies(problem: ContrastiveProblem) -> bool:
