@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ import torch.multiprocessing as mp  # noqa: E402
 from lrc_bert import runs  # noqa: E402
 from lrc_bert.config import build_config  # noqa: E402
 from lrc_bert.distill import DistillMethod  # noqa: E402
-from lrc_bert.runtime import Runtime, init_runtime, shutdown  # noqa: E402
+from lrc_bert.runtime import Runtime, dist_timeout, init_runtime, shutdown  # noqa: E402
 from lrc_bert.tasks import get_task  # noqa: E402
 from lrc_bert.teacher_cache import TeacherCache  # noqa: E402
 from trainer_fixtures import build_teacher, tiny_distill_settings  # noqa: E402
@@ -100,14 +101,26 @@ def assert_close_tensors(got: dict, expected: dict, rtol: float) -> None:
         assert torch.isfinite(err) and err <= rtol * (g.norm() + 1e-2 * total), (name, float(err), float(g.norm()))
 
 
+SPAWN_DEADLINE_S = 300  # the whole spawned run; a healthy one takes under 30 s here
+
+
 def _spawn(fn, world: int, *args):
+    """Run ``fn`` on ``world`` ranks; a rank that dies or a run that hangs fails the test
+    within SPAWN_DEADLINE_S instead of stalling CI in a collective."""
     port = _free_port()
-    mp.start_processes(fn, args=(world, port, *args), nprocs=world, start_method="spawn", join=True)
+    context = mp.start_processes(fn, args=(world, port, *args), nprocs=world, start_method="spawn", join=False)
+    deadline = time.monotonic() + SPAWN_DEADLINE_S
+    while not context.join(timeout=5):  # raises ProcessRaisedException / ProcessExitedException
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{fn.__name__}: {world} ranks still running after {SPAWN_DEADLINE_S} s "
+                        f"(exit codes {[p.exitcode for p in context.processes]})")
 
 
 def _as_rank(rank: int, world: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+                      LOCAL_RANK=str(rank), LRC_BERT_DIST_TIMEOUT_S="120")
 
 
 def _global_negatives_worker(rank, world, port, settings, batch, out):
@@ -479,3 +492,14 @@ def test_cuda_graph_finetune_equals_eager(teacher, tmp_path):
     for a, b in zip(runs["eager"], runs["graphs"], strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=3e-2) and b["grad_norm"] == pytest.approx(a["grad_norm"],
                                                                                                     rel=5e-2)
+
+
+def test_collective_timeout_comes_from_the_environment_and_bad_values_name_the_variable(monkeypatch):
+    monkeypatch.delenv("LRC_BERT_DIST_TIMEOUT_S", raising=False)
+    assert dist_timeout().total_seconds() == 1800
+    monkeypatch.setenv("LRC_BERT_DIST_TIMEOUT_S", "90.5")
+    assert dist_timeout().total_seconds() == 90.5
+    for bad in ("0", "-3", "ten", "inf", "nan"):
+        monkeypatch.setenv("LRC_BERT_DIST_TIMEOUT_S", bad)
+        with pytest.raises(ValueError, match="LRC_BERT_DIST_TIMEOUT_S"):
+            dist_timeout()

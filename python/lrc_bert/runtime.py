@@ -3,7 +3,9 @@
 Distributed runs use PyTorch's own engine: ``torchrun`` sets RANK / WORLD_SIZE /
 LOCAL_RANK, :func:`init_runtime` joins the process group (NCCL on CUDA, gloo on CPU)
 and the trainer wraps the trained modules in ``DistributedDataParallel``. One process
-without those variables is a world of size 1 and touches no process group.
+without those variables is a world of size 1 and touches no process group. A collective
+that waits longer than ``LRC_BERT_DIST_TIMEOUT_S`` seconds (default 1800) fails the run
+instead of hanging it: a rank that died leaves the others waiting in a collective.
 
 Precision: ``fp32``; ``bf16`` (autocast, no scaler); ``fp16`` (autocast and a
 ``GradScaler``, whose state is checkpointed). Every backward goes through
@@ -133,6 +135,18 @@ def to_device(tree, device: torch.device):
     return tree_map(lambda v: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v, tree)
 
 
+def dist_timeout() -> datetime.timedelta:
+    """The process group's collective timeout, from ``LRC_BERT_DIST_TIMEOUT_S`` (seconds)."""
+    raw = os.environ.get("LRC_BERT_DIST_TIMEOUT_S", "1800")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(f"LRC_BERT_DIST_TIMEOUT_S={raw!r}: expected a positive number of seconds")
+    return datetime.timedelta(seconds=seconds)
+
+
 def init_runtime(device_name: str, precision: str) -> Runtime:
     """The runtime of this process: joins the torchrun process group when there is one."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -146,8 +160,7 @@ def init_runtime(device_name: str, precision: str) -> Runtime:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=dist_timeout())
     _check_precision(device, precision)
     log.info("rank %d of %d on %s (%s)", rank, world, device, dist.get_backend())
     return Runtime(device, precision, rank=rank, world_size=world)
