@@ -5,6 +5,7 @@ kept for backward; bit-deterministic; traceable."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import weakref
 
@@ -57,11 +58,30 @@ def test_one_pass_matches_float64_small_rows(mode, loss, reduction):
     compare(loss, inputs, reduction, weights, **({"temperature": 0.3} if loss == "info_nce" else {}))
 
 
+@contextlib.contextmanager
+def threads(count: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# Rows of (1 + K) x D x 4 bytes = 4 x 40,003 x 4 > 512 KiB take the large-row schedules: whole
+# rows per thread when that leaves at most a fifth of the threads idle (4 rows on 2 threads),
+# else each row split over the threads by D (3 rows on 2 threads).
+LARGE_ROW_SCHEDULES = {"rows_per_thread": (4, 2), "row_split_over_threads": (3, 2)}
+
+
+@pytest.mark.parametrize("schedule", LARGE_ROW_SCHEDULES)
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("mode", ONE_PASS_MODES)
-def test_one_pass_matches_float64_large_rows_split_over_threads(mode, loss):
-    # (1 + K) x D x 4 bytes = 4 x 40,003 x 4 > 512 KiB: each row split over the threads by D
-    compare(loss, student_only(mode, 3, 3, 40_003, seed=2), "none", torch.rand(3) + 0.5)
+def test_one_pass_matches_float64_large_rows(mode, loss, schedule):
+    batch, thread_count = LARGE_ROW_SCHEDULES[schedule]
+    with threads(thread_count):
+        compare(loss, student_only(mode, batch, 3, 40_003, seed=2), "none", torch.rand(batch) + 0.5,
+                **({"temperature": 0.05} if loss == "info_nce" else {}))
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 1), (2, 1, 5), (3, 1, 4099), (4, 6, (3, 11))], ids=str)
@@ -92,6 +112,11 @@ def test_no_gradient_work_under_no_grad_or_inference_mode():
     with torch.inference_mode():
         lk.info_nce_loss(s, t, n, backend="cpp")
     lk.cos_nce_loss(s.detach(), t, n, backend="cpp")  # nothing requires grad
+    large = student_only("explicit", 3, 3, 40_003)
+    with torch.no_grad():
+        for count in (1, 2):  # both large-row schedules
+            with threads(count):
+                lk.info_nce_loss(*large, backend="cpp")
     assert extension().gradient_rows_computed() == before
     lk.cos_nce_loss(s, t, n, backend="cpp")
     assert extension().gradient_rows_computed() == before + 4
@@ -108,12 +133,14 @@ def test_the_negatives_are_not_kept_for_backward():
     assert s.grad is not None and torch.isfinite(s.grad).all()
 
 
-@pytest.mark.parametrize("case", [("bank", 3, 4, 40_003, "cos_nce", True), ("in_batch", 9, 8, 5_003, "cos_nce", True),
+@pytest.mark.parametrize("case", [("bank", 3, 4, 40_003, "cos_nce", True), ("explicit", 3, 4, 40_003, "info_nce", True),
+                                  ("in_batch", 9, 8, 5_003, "cos_nce", True),
                                   ("in_batch", 9, 8, 5_003, "info_nce", False), ("in_batch", 40, 39, 300, "info_nce", False)],
                          ids=str)
 def test_one_pass_is_bit_deterministic(case):
-    """The same bits run to run; on any number of threads too, except in-batch InfoNCE above 2^18
-    FMAs, whose GEMMs (BLAS) split their sums by the thread count."""
+    """The same bits run to run; on any number of threads too (3 large rows: one schedule on 1
+    thread, the other on 2), except in-batch InfoNCE above 2^18 FMAs, whose GEMMs (BLAS) split
+    their sums by the thread count."""
     mode, batch, num_neg, features, loss_name, any_threads = case
     threads = torch.get_num_threads()
     results = []

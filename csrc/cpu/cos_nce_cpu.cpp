@@ -427,9 +427,11 @@ at::Tensor row_combine(const at::Tensor& x, const at::Tensor& a, const at::Tenso
 // computed while the row's inputs are in cache (the math: lrc_kernels/functional.py). The
 // backward is then a scale of G by grad_output, so each input is read from DRAM once and
 // nothing but G is kept for backward. A row whose inputs fit kRowBudget is one task (rows run
-// in parallel); a larger row (the paper's shape: 17 rows of 98,304) is split over the threads
-// by D twice: the partial sums of every chunk, a fixed-order reduction (deterministic), the
-// scalar epilogue, then the gradient chunks, re-read from the last-level cache.
+// in parallel; the gradient re-reads the row from L2). A larger row (the paper's shape: 17 rows
+// of 98,304) does not fit L2, and re-reading it from the LLC cost 60% more than the sums, so G
+// is built as each negative leaves the cache (OnlineRow): every input row is read from DRAM once
+// and from L2 once. Such rows go one per thread, or, when that would leave threads idle, each
+// row is split over the threads by D; both give the same bits.
 
 namespace {
 
@@ -472,6 +474,89 @@ acc_t row_epilogue(bool info_nce, acc_t eps, acc_t inv_temperature, acc_t ss, co
   }
   sigma = norm_s >= eps ? -wc / (ns * ns) : acc_t(0);
   return loss;
+}
+
+// The large-row schedule's coefficients, negative by negative (the math of functional.py,
+// rearranged): G = kappa U + a0 x_0 + sigma s with U = sum_k coef_k x_k accumulated as each
+// negative leaves the cache; for InfoNCE, coef_k = e^{z_k - m} / |x_k| under a running max m
+// (U and the sum rescaled when m rises: flash attention's online softmax), for COS-NCE
+// coef_k = (1 / 2K) / |x_k|. The positive's term is added last with its exact weight
+// w_0 = -(sum_k p_k) / tau, so no p_0 - 1 cancels. Both schedules call this in the same order,
+// so they give the same bits.
+template <typename acc_t>
+struct OnlineRow {
+  bool info_nce;
+  acc_t eps, inv_t, nse;  // nse = max(|s|, eps)
+  int64_t K;
+  acc_t* c;   // [J] cosines, c[0] the positive's
+  acc_t* nx;  // [J] |x_j|
+  acc_t m = 0, total = 0;  // InfoNCE: running max of z_k and sum_k e^{z_k - m}
+
+  // Negative k (1..K) from its full sums: U's rescale before adding coef x_k.
+  void negative(int64_t k, acc_t dot, acc_t xx, acc_t& rescale, acc_t& coef) {
+    nx[k] = std::sqrt(xx);
+    const acc_t nxe = std::max(nx[k], eps);
+    c[k] = dot / (nse * nxe);
+    rescale = 1;
+    if (!info_nce) {
+      coef = acc_t(0.5) / K / nxe;
+      return;
+    }
+    const acc_t z = c[k] * inv_t;
+    if (k == 1) {
+      m = z;
+    } else if (z > m) {
+      rescale = std::exp(m - z);
+      total *= rescale;
+      m = z;
+    }
+    const acc_t e = std::exp(z - m);
+    total += e;
+    coef = e / nxe;
+  }
+
+  // The positive's sums and |s|: the loss, and kappa, a0, sigma of G.
+  acc_t finish(acc_t dot, acc_t xx, acc_t ns, acc_t& kappa, acc_t& a0, acc_t& sigma) {
+    nx[0] = std::sqrt(xx);
+    const acc_t nxe = std::max(nx[0], eps);
+    c[0] = dot / (nse * nxe);
+    acc_t loss, w0, wc;  // wc = sum_j w_j c_j
+    if (!info_nce) {
+      acc_t sum_c = 0;
+      for (int64_t k = 1; k <= K; ++k) sum_c += c[k];
+      loss = acc_t(2) - acc_t(1.5) * c[0] + acc_t(0.5) * sum_c / K;
+      w0 = acc_t(-1.5);
+      wc = w0 * c[0] + acc_t(0.5) / K * sum_c;
+      kappa = acc_t(1) / nse;
+    } else {
+      const acc_t z0 = c[0] * inv_t, top = std::max(m, z0), shift = std::exp(m - top);
+      const acc_t neg = total * shift, all = neg + std::exp(z0 - top);
+      loss = top + std::log(all) - z0;
+      acc_t pc = 0;  // sum_k p_k c_k
+      for (int64_t k = 1; k <= K; ++k) pc += std::exp(c[k] * inv_t - top) * c[k];
+      w0 = -(neg / all) * inv_t;
+      wc = pc / all * inv_t + w0 * c[0];
+      kappa = shift * inv_t / (all * nse);
+    }
+    a0 = w0 / (nse * nxe);
+    sigma = ns >= eps ? -wc / (nse * nse) : acc_t(0);
+    return loss;
+  }
+};
+
+// U = rescale U + coef x, or U = coef x for the first negative.
+template <typename acc_t>
+inline void accumulate(bool first, acc_t rescale, acc_t coef, const acc_t* x, int64_t n, acc_t* u) {
+  if (first) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) u[i] = coef * x[i];
+    return;
+  }
+  if (rescale != acc_t(1)) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) u[i] *= rescale;
+  }
+  axpy<acc_t>(coef, x, n, u);
 }
 
 }  // namespace
@@ -710,40 +795,89 @@ std::vector<at::Tensor> one_pass(const at::Tensor& student, const at::Tensor& te
         }
       });
     } else {
-      // Large rows: every thread takes chunks of the same row, whose inputs then stay in the LLC.
-      std::vector<acc_t> sums(chunks * (1 + 2 * J)), total(1 + 2 * J), A(J);
-      for (int64_t b = 0; b < B; ++b) {
-        at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-          // x_j-major over this thread's chunks: each x_j streams from DRAM as one long run while
-          // the student's chunks stay in L2 (16 KiB pieces of J + 1 rows in turn kept the
-          // prefetchers restarting). The same per-chunk sums as chunk_sums, so the same bits.
-          std::vector<acc_t> s_buf(kChunk), x_buf(kChunk);
-          for (int64_t c = begin; c < end; ++c) {
-            const int64_t d0 = c * kChunk, n = std::min(kChunk, D - d0);
-            const acc_t* s = load<acc_t>(s_rows.row(b) + d0 * s_rows.elem, s_rows.dtype, n, s_buf.data());
-            acc_t unused = 0;
-            sums[c * (1 + 2 * J)] = 0;
-            dot_and_square<acc_t>(s, s, n, unused, sums[c * (1 + 2 * J)]);
-          }
-          for (int64_t j = 0; j < J; ++j)
-            for (int64_t c = begin; c < end; ++c) {
-              const int64_t d0 = c * kChunk, n = std::min(kChunk, D - d0);
-              acc_t* out = sums.data() + c * (1 + 2 * J);
-              const acc_t* s = load<acc_t>(s_rows.row(b) + d0 * s_rows.elem, s_rows.dtype, n, s_buf.data());
-              const acc_t* x = load<acc_t>(x_row(b, j) + d0 * x_src(j).elem, x_src(j).dtype, n, x_buf.data());
-              out[1 + j] = 0, out[1 + J + j] = 0;
-              dot_and_square<acc_t>(s, x, n, out[1 + j], out[1 + J + j]);
+      // Large rows (the paper's shape: 17 rows of 98,304): G = kappa U + a0 x_0 + sigma s, with
+      // U = sum_k coef_k x_k (OnlineRow). Per-chunk sums are added in chunk order and U is built
+      // negative by negative in both schedules, so the bits do not depend on the schedule.
+      const int64_t S = 1 + 2 * J;
+      auto x_sums = [&](int64_t b, int64_t j, int64_t c, acc_t* s_buf, acc_t* x_buf, acc_t& dot, acc_t& sq) {
+        const int64_t d0 = c * kChunk, n = std::min(kChunk, D - d0);
+        const acc_t* s = load<acc_t>(s_rows.row(b) + d0 * s_rows.elem, s_rows.dtype, n, s_buf);
+        const acc_t* x = j < 0 ? s : load<acc_t>(x_row(b, j) + d0 * x_src(j).elem, x_src(j).dtype, n, x_buf);
+        dot = 0, sq = 0;
+        dot_and_square<acc_t>(s, x, n, dot, sq);
+      };
+      auto final_chunk = [&](int64_t b, int64_t c, acc_t kappa, const acc_t* u, acc_t a0, acc_t sigma,
+                             acc_t* s_buf, acc_t* x_buf, acc_t* g) {
+        const int64_t d0 = c * kChunk, n = std::min(kChunk, D - d0);
+        const acc_t* s = load<acc_t>(s_rows.row(b) + d0 * s_rows.elem, s_rows.dtype, n, s_buf);
+        const acc_t* x0 = load<acc_t>(t_rows.row(b) + d0 * t_rows.elem, t_rows.dtype, n, x_buf);
+        combine<acc_t>(kappa, u, a0, x0, sigma, s, n, g);
+        store<acc_t>(g, grad.scalar_type(), n, static_cast<char*>(grad.data_ptr()) + (b * D + d0) * grad.element_size());
+      };
+      const int64_t threads = at::get_num_threads(), rows_per_thread = (B + threads - 1) / threads;
+      if (4 * rows_per_thread * threads <= 5 * B) {
+        // Whole rows per thread (at most a fifth of the threads idle): each negative streams from
+        // DRAM once for its sums, and is added to U from L2 right after, while its norm is known.
+        // Only U, s and x_0 are read again, for the final combine.
+        at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+          std::vector<acc_t> s_buf(kChunk), x_buf(kChunk), g(kChunk), u(need_grad ? D : 0), c(J);
+          for (int64_t b = begin; b < end; ++b) {
+            acc_t ss = 0, dot, sq, unused;
+            for (int64_t ch = 0; ch < chunks; ++ch) x_sums(b, -1, ch, s_buf.data(), x_buf.data(), unused, sq), ss += sq;
+            pns[b] = std::sqrt(ss);
+            OnlineRow<acc_t> row{info_nce, e, inv_t, std::max(pns[b], e), J - 1, c.data(), pnx + b * J};
+            for (int64_t k = 1; k < J; ++k) {
+              acc_t dk = 0, xk = 0, rescale, coef;
+              for (int64_t ch = 0; ch < chunks; ++ch) x_sums(b, k, ch, s_buf.data(), x_buf.data(), dot, sq), dk += dot, xk += sq;
+              row.negative(k, dk, xk, rescale, coef);
+              if (!need_grad) continue;
+              for (int64_t ch = 0; ch < chunks; ++ch) {
+                const int64_t d0 = ch * kChunk, n = std::min(kChunk, D - d0);
+                const acc_t* x = load<acc_t>(x_row(b, k) + d0 * x_src(k).elem, x_src(k).dtype, n, x_buf.data());
+                accumulate<acc_t>(k == 1, rescale, coef, x, n, u.data() + d0);
+              }
             }
+            acc_t d0t = 0, x0t = 0, kappa, a0, sigma;
+            for (int64_t ch = 0; ch < chunks; ++ch) x_sums(b, 0, ch, s_buf.data(), x_buf.data(), dot, sq), d0t += dot, x0t += sq;
+            pl[b] = row.finish(d0t, x0t, pns[b], kappa, a0, sigma);
+            if (!need_grad) continue;
+            for (int64_t ch = 0; ch < chunks; ++ch)
+              final_chunk(b, ch, kappa, u.data() + ch * kChunk, a0, sigma, s_buf.data(), x_buf.data(), g.data());
+            g_gradient_rows.fetch_add(1, std::memory_order_relaxed);
+          }
         });
-        std::fill(total.begin(), total.end(), acc_t(0));
-        for (int64_t c = 0; c < chunks; ++c)  // a fixed order: the same bits on any number of threads
-          for (int64_t i = 0; i < 1 + 2 * J; ++i) total[i] += sums[c * (1 + 2 * J) + i];
-        acc_t sigma;
-        finish(b, total.data(), A.data(), sigma);
-        if (need_grad) {
+      } else {
+        // Few rows: every thread takes chunks of the same row (x_j-major over its chunks, so each
+        // x_j streams as one long run), then the coefficients, then the gradient's chunks.
+        std::vector<acc_t> sums(chunks * S), total(S), c(J), rescale(J), coef(J);
+        for (int64_t b = 0; b < B; ++b) {
           at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-            std::vector<acc_t> s_buf(kChunk), x_buf(kChunk), g(kChunk);
-            for (int64_t c = begin; c < end; ++c) chunk_grad(b, c, A.data(), sigma, s_buf.data(), x_buf.data(), g.data());
+            std::vector<acc_t> s_buf(kChunk), x_buf(kChunk);
+            acc_t unused;
+            for (int64_t ch = begin; ch < end; ++ch) x_sums(b, -1, ch, s_buf.data(), x_buf.data(), unused, sums[ch * S]);
+            for (int64_t j = 0; j < J; ++j)
+              for (int64_t ch = begin; ch < end; ++ch)
+                x_sums(b, j, ch, s_buf.data(), x_buf.data(), sums[ch * S + 1 + j], sums[ch * S + 1 + J + j]);
+          });
+          std::fill(total.begin(), total.end(), acc_t(0));
+          for (int64_t ch = 0; ch < chunks; ++ch)
+            for (int64_t i = 0; i < S; ++i) total[i] += sums[ch * S + i];
+          pns[b] = std::sqrt(total[0]);
+          OnlineRow<acc_t> row{info_nce, e, inv_t, std::max(pns[b], e), J - 1, c.data(), pnx + b * J};
+          for (int64_t k = 1; k < J; ++k) row.negative(k, total[1 + k], total[1 + J + k], rescale[k], coef[k]);
+          acc_t kappa, a0, sigma;
+          pl[b] = row.finish(total[1], total[1 + J], pns[b], kappa, a0, sigma);
+          if (!need_grad) continue;
+          at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+            std::vector<acc_t> s_buf(kChunk), x_buf(kChunk), g(kChunk), u(kChunk);
+            for (int64_t ch = begin; ch < end; ++ch) {
+              const int64_t d0 = ch * kChunk, n = std::min(kChunk, D - d0);
+              for (int64_t k = 1; k < J; ++k) {
+                const acc_t* x = load<acc_t>(x_row(b, k) + d0 * x_src(k).elem, x_src(k).dtype, n, x_buf.data());
+                accumulate<acc_t>(k == 1, rescale[k], coef[k], x, n, u.data());
+              }
+              final_chunk(b, ch, kappa, u.data(), a0, sigma, s_buf.data(), x_buf.data(), g.data());
+            }
           });
           g_gradient_rows.fetch_add(1, std::memory_order_relaxed);
         }
