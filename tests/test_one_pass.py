@@ -68,7 +68,7 @@ def threads(count: int):
         torch.set_num_threads(before)
 
 
-# Rows of (1 + K) x D x 4 bytes = 4 x 40,003 x 4 > 512 KiB take the large-row schedules: whole
+# Rows of (1 + K) x D x 4 bytes > 512 KiB take the large-row schedules: whole
 # rows per thread when that leaves at most a fifth of the threads idle (4 rows on 2 threads),
 # else each row split over the threads by D (3 rows on 2 threads).
 LARGE_ROW_SCHEDULES = {"rows_per_thread": (4, 2), "row_split_over_threads": (3, 2)}
@@ -80,7 +80,8 @@ LARGE_ROW_SCHEDULES = {"rows_per_thread": (4, 2), "row_split_over_threads": (3, 
 def test_one_pass_matches_float64_large_rows(mode, loss, schedule):
     batch, thread_count = LARGE_ROW_SCHEDULES[schedule]
     with threads(thread_count):
-        compare(loss, student_only(mode, batch, 3, 40_003, seed=2), "none", torch.rand(batch) + 0.5,
+        # K = 6: two groups of rows (4 negatives; 2 and the positive), so U is rescaled between them
+        compare(loss, student_only(mode, batch, 6, 40_003, seed=2), "none", torch.rand(batch) + 0.5,
                 **({"temperature": 0.05} if loss == "info_nce" else {}))
 
 

@@ -121,6 +121,71 @@ inline void axpy(acc_t alpha, const acc_t* x, int64_t n, acc_t* y) {
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
+// dot[r] = a.x_r, sq[r] = x_r.x_r for R rows at once: one load of a serves R rows. With a in
+// L2, the one-row loop (a loaded per row) took half of this core's DRAM stream; four rows per
+// load recover most of it. U-way unrolled so that 2 R U = 8 independent FMA chains hide the
+// latency (R = 4: 8 vfmadd231ps per 8 lanes, one load of a and four of x). Lanes are combined
+// in a fixed order, so the bits are the same on every run.
+template <typename acc_t, int R, int U>
+inline void dot_and_square_rows(const acc_t* a, const acc_t* const* x, int64_t n, acc_t* dot, acc_t* sq) {
+  typedef acc_t vec __attribute__((vector_size(32), aligned(sizeof(acc_t)), may_alias));
+  constexpr int64_t kLanes = 32 / sizeof(acc_t), kStep = U * kLanes;
+  auto at = [](const acc_t* p) { return *reinterpret_cast<const vec*>(p); };
+  vec d[R][U] = {}, q[R][U] = {};
+  int64_t i = 0;
+  for (; i + kStep <= n; i += kStep)
+    for (int u = 0; u < U; ++u) {
+      const vec av = at(a + i + u * kLanes);
+      for (int r = 0; r < R; ++r) {
+        const vec xv = at(x[r] + i + u * kLanes);
+        d[r][u] += av * xv, q[r][u] += xv * xv;
+      }
+    }
+  for (int r = 0; r < R; ++r) {
+    vec dv = d[r][0], qv = q[r][0];
+    for (int u = 1; u < U; ++u) dv += d[r][u], qv += q[r][u];
+    acc_t dt = 0, qt = 0;
+    for (int64_t l = 0; l < kLanes; ++l) dt += dv[l], qt += qv[l];
+    for (int64_t k = i; k < n; ++k) dt += a[k] * x[r][k], qt += x[r][k] * x[r][k];
+    dot[r] = dt, sq[r] = qt;
+  }
+}
+
+constexpr int kGroup = 4;  // rows of one sweep over the student (and of one update of U)
+
+template <typename acc_t>
+inline void group_sums(const acc_t* a, const acc_t* const* x, int rows, int64_t n, acc_t* dot, acc_t* sq) {
+  switch (rows) {
+    case 4: return dot_and_square_rows<acc_t, 4, 1>(a, x, n, dot, sq);
+    case 3: return dot_and_square_rows<acc_t, 3, 1>(a, x, n, dot, sq);
+    case 2: return dot_and_square_rows<acc_t, 2, 2>(a, x, n, dot, sq);
+    default: return dot_and_square_rows<acc_t, 1, 4>(a, x, n, dot, sq);
+  }
+}
+
+// u = rescale u + sum_r coef[r] x_r (u = sum_r coef[r] x_r when first), added in r order.
+template <typename acc_t, int R>
+inline void accumulate_rows(bool first, acc_t rescale, const acc_t* coef, const acc_t* const* x, int64_t n, acc_t* u) {
+  const acc_t r0 = first ? acc_t(0) : rescale;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    acc_t v = first ? acc_t(0) : u[i] * r0;
+    for (int r = 0; r < R; ++r) v += coef[r] * x[r][i];
+    u[i] = v;
+  }
+}
+
+template <typename acc_t>
+inline void accumulate_group(bool first, acc_t rescale, const acc_t* coef, const acc_t* const* x, int rows, int64_t n,
+                             acc_t* u) {
+  switch (rows) {
+    case 4: return accumulate_rows<acc_t, 4>(first, rescale, coef, x, n, u);
+    case 3: return accumulate_rows<acc_t, 3>(first, rescale, coef, x, n, u);
+    case 2: return accumulate_rows<acc_t, 2>(first, rescale, coef, x, n, u);
+    default: return accumulate_rows<acc_t, 1>(first, rescale, coef, x, n, u);
+  }
+}
+
 // The [B, B] loops of in-batch InfoNCE: plain SIMD loops (multiplies only; the reductions
 // declared to omp simd, whose lane order is fixed, so the same bits on every run).
 // x[j] *= scale * v[j]; returns max_j x[j]
@@ -492,27 +557,30 @@ struct OnlineRow {
   acc_t* nx;  // [J] |x_j|
   acc_t m = 0, total = 0;  // InfoNCE: running max of z_k and sum_k e^{z_k - m}
 
-  // Negative k (1..K) from its full sums: U's rescale before adding coef x_k.
-  void negative(int64_t k, acc_t dot, acc_t xx, acc_t& rescale, acc_t& coef) {
-    nx[k] = std::sqrt(xx);
-    const acc_t nxe = std::max(nx[k], eps);
-    c[k] = dot / (nse * nxe);
-    rescale = 1;
+  // Negatives k0 .. k0 + rows - 1 from their full sums: U's rescale before their coef x_k are
+  // added (one rescale per group: the running max moves once).
+  acc_t negatives(int64_t k0, int rows, const acc_t* dot, const acc_t* xx, acc_t* coef) {
+    acc_t z[kGroup], top = k0 == 1 ? -std::numeric_limits<acc_t>::infinity() : m;
+    for (int r = 0; r < rows; ++r) {
+      const int64_t k = k0 + r;
+      nx[k] = std::sqrt(xx[r]);
+      c[k] = dot[r] / (nse * std::max(nx[k], eps));
+      z[r] = c[k] * inv_t;
+      top = std::max(top, z[r]);
+    }
     if (!info_nce) {
-      coef = acc_t(0.5) / K / nxe;
-      return;
+      for (int r = 0; r < rows; ++r) coef[r] = acc_t(0.5) / K / std::max(nx[k0 + r], eps);
+      return 1;
     }
-    const acc_t z = c[k] * inv_t;
-    if (k == 1) {
-      m = z;
-    } else if (z > m) {
-      rescale = std::exp(m - z);
-      total *= rescale;
-      m = z;
+    const acc_t rescale = k0 == 1 ? acc_t(1) : std::exp(m - top);
+    total *= rescale;
+    m = top;
+    for (int r = 0; r < rows; ++r) {
+      const acc_t ez = std::exp(z[r] - m);
+      total += ez;
+      coef[r] = ez / std::max(nx[k0 + r], eps);
     }
-    const acc_t e = std::exp(z - m);
-    total += e;
-    coef = e / nxe;
+    return rescale;
   }
 
   // The positive's sums and |s|: the loss, and kappa, a0, sigma of G.
@@ -544,20 +612,6 @@ struct OnlineRow {
   }
 };
 
-// U = rescale U + coef x, or U = coef x for the first negative.
-template <typename acc_t>
-inline void accumulate(bool first, acc_t rescale, acc_t coef, const acc_t* x, int64_t n, acc_t* u) {
-  if (first) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) u[i] = coef * x[i];
-    return;
-  }
-  if (rescale != acc_t(1)) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) u[i] *= rescale;
-  }
-  axpy<acc_t>(coef, x, n, u);
-}
 
 }  // namespace
 
@@ -798,85 +852,124 @@ std::vector<at::Tensor> one_pass(const at::Tensor& student, const at::Tensor& te
       // Large rows (the paper's shape: 17 rows of 98,304): G = kappa U + a0 x_0 + sigma s, with
       // U = sum_k coef_k x_k (OnlineRow). Per-chunk sums are added in chunk order and U is built
       // negative by negative in both schedules, so the bits do not depend on the schedule.
-      const int64_t S = 1 + 2 * J;
-      auto x_sums = [&](int64_t b, int64_t j, int64_t c, acc_t* s_buf, acc_t* x_buf, acc_t& dot, acc_t& sq) {
-        const int64_t d0 = c * kChunk, n = std::min(kChunk, D - d0);
-        const acc_t* s = load<acc_t>(s_rows.row(b) + d0 * s_rows.elem, s_rows.dtype, n, s_buf);
-        const acc_t* x = j < 0 ? s : load<acc_t>(x_row(b, j) + d0 * x_src(j).elem, x_src(j).dtype, n, x_buf);
-        dot = 0, sq = 0;
-        dot_and_square<acc_t>(s, x, n, dot, sq);
+      // The rows stream in groups of kGroup: the negatives 1..K, then the positive (j = 0).
+      const int64_t S = 1 + 2 * J, K = J - 1, groups = (J + kGroup - 1) / kGroup;
+      auto group_rows = [&](int64_t g) { return static_cast<int>(std::min<int64_t>(kGroup, J - g * kGroup)); };
+      auto group_negatives = [&](int64_t g) {
+        return static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(kGroup, K - g * kGroup)));
       };
-      auto final_chunk = [&](int64_t b, int64_t c, acc_t kappa, const acc_t* u, acc_t a0, acc_t sigma,
+      auto stream_j = [&](int64_t i) { return i < K ? i + 1 : 0; };
+      // Chunk ch of the student and of group g's rows (converted to acc_t where needed).
+      auto load_group = [&](int64_t b, int64_t g, int64_t ch, acc_t* x_bufs, const acc_t** xs) {
+        const int64_t d0 = ch * kChunk, n = std::min(kChunk, D - d0);
+        for (int r = 0; r < group_rows(g); ++r) {
+          const int64_t j = stream_j(g * kGroup + r);
+          xs[r] = load<acc_t>(x_row(b, j) + d0 * x_src(j).elem, x_src(j).dtype, n, x_bufs + r * kChunk);
+        }
+        return n;
+      };
+      auto load_student = [&](int64_t b, int64_t ch, acc_t* s_buf) {
+        const int64_t d0 = ch * kChunk;
+        return load<acc_t>(s_rows.row(b) + d0 * s_rows.elem, s_rows.dtype, std::min(kChunk, D - d0), s_buf);
+      };
+      auto student_sq = [&](const acc_t* s, int64_t n) {
+        acc_t dot, sq;
+        dot_and_square_rows<acc_t, 1, 4>(s, &s, n, &dot, &sq);
+        return sq;
+      };
+      auto final_chunk = [&](int64_t b, int64_t ch, acc_t kappa, const acc_t* u, acc_t a0, acc_t sigma,
                              acc_t* s_buf, acc_t* x_buf, acc_t* g) {
-        const int64_t d0 = c * kChunk, n = std::min(kChunk, D - d0);
-        const acc_t* s = load<acc_t>(s_rows.row(b) + d0 * s_rows.elem, s_rows.dtype, n, s_buf);
+        const int64_t d0 = ch * kChunk, n = std::min(kChunk, D - d0);
+        const acc_t* s = load_student(b, ch, s_buf);
         const acc_t* x0 = load<acc_t>(t_rows.row(b) + d0 * t_rows.elem, t_rows.dtype, n, x_buf);
         combine<acc_t>(kappa, u, a0, x0, sigma, s, n, g);
         store<acc_t>(g, grad.scalar_type(), n, static_cast<char*>(grad.data_ptr()) + (b * D + d0) * grad.element_size());
       };
       const int64_t threads = at::get_num_threads(), rows_per_thread = (B + threads - 1) / threads;
       if (4 * rows_per_thread * threads <= 5 * B) {
-        // Whole rows per thread (at most a fifth of the threads idle): each negative streams from
-        // DRAM once for its sums, and is added to U from L2 right after, while its norm is known.
-        // Only U, s and x_0 are read again, for the final combine.
+        // Whole rows per thread (at most a fifth of the threads idle): each group of negatives
+        // streams from DRAM once for its sums, and is added to U from L2 right after, while its
+        // norms are known. Only U, s and x_0 are read again, for the final combine.
         at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-          std::vector<acc_t> s_buf(kChunk), x_buf(kChunk), g(kChunk), u(need_grad ? D : 0), c(J);
+          std::vector<acc_t> s_buf(kChunk), x_bufs(kGroup * kChunk), g_buf(kChunk), u(need_grad ? D : 0), c(J);
+          const acc_t* xs[kGroup];
           for (int64_t b = begin; b < end; ++b) {
-            acc_t ss = 0, dot, sq, unused;
-            for (int64_t ch = 0; ch < chunks; ++ch) x_sums(b, -1, ch, s_buf.data(), x_buf.data(), unused, sq), ss += sq;
+            acc_t ss = 0, pos_dot = 0, pos_sq = 0;
+            for (int64_t ch = 0; ch < chunks; ++ch) {
+              const int64_t n = std::min(kChunk, D - ch * kChunk);
+              ss += student_sq(load_student(b, ch, s_buf.data()), n);
+            }
             pns[b] = std::sqrt(ss);
-            OnlineRow<acc_t> row{info_nce, e, inv_t, std::max(pns[b], e), J - 1, c.data(), pnx + b * J};
-            for (int64_t k = 1; k < J; ++k) {
-              acc_t dk = 0, xk = 0, rescale, coef;
-              for (int64_t ch = 0; ch < chunks; ++ch) x_sums(b, k, ch, s_buf.data(), x_buf.data(), dot, sq), dk += dot, xk += sq;
-              row.negative(k, dk, xk, rescale, coef);
+            OnlineRow<acc_t> row{info_nce, e, inv_t, std::max(pns[b], e), K, c.data(), pnx + b * J};
+            for (int64_t g = 0; g < groups; ++g) {
+              const int rows = group_rows(g), negs = group_negatives(g);
+              acc_t dot[kGroup] = {}, sq[kGroup] = {}, cd[kGroup], cq[kGroup], coef[kGroup];
+              for (int64_t ch = 0; ch < chunks; ++ch) {
+                const int64_t n = load_group(b, g, ch, x_bufs.data(), xs);
+                group_sums<acc_t>(load_student(b, ch, s_buf.data()), xs, rows, n, cd, cq);
+                for (int r = 0; r < rows; ++r) dot[r] += cd[r], sq[r] += cq[r];
+              }
+              if (rows > negs) pos_dot = dot[negs], pos_sq = sq[negs];
+              if (negs == 0) continue;
+              const acc_t rescale = row.negatives(g * kGroup + 1, negs, dot, sq, coef);
               if (!need_grad) continue;
               for (int64_t ch = 0; ch < chunks; ++ch) {
-                const int64_t d0 = ch * kChunk, n = std::min(kChunk, D - d0);
-                const acc_t* x = load<acc_t>(x_row(b, k) + d0 * x_src(k).elem, x_src(k).dtype, n, x_buf.data());
-                accumulate<acc_t>(k == 1, rescale, coef, x, n, u.data() + d0);
+                const int64_t n = load_group(b, g, ch, x_bufs.data(), xs);
+                accumulate_group<acc_t>(g == 0, rescale, coef, xs, negs, n, u.data() + ch * kChunk);
               }
             }
-            acc_t d0t = 0, x0t = 0, kappa, a0, sigma;
-            for (int64_t ch = 0; ch < chunks; ++ch) x_sums(b, 0, ch, s_buf.data(), x_buf.data(), dot, sq), d0t += dot, x0t += sq;
-            pl[b] = row.finish(d0t, x0t, pns[b], kappa, a0, sigma);
+            acc_t kappa, a0, sigma;
+            pl[b] = row.finish(pos_dot, pos_sq, pns[b], kappa, a0, sigma);
             if (!need_grad) continue;
             for (int64_t ch = 0; ch < chunks; ++ch)
-              final_chunk(b, ch, kappa, u.data() + ch * kChunk, a0, sigma, s_buf.data(), x_buf.data(), g.data());
+              final_chunk(b, ch, kappa, u.data() + ch * kChunk, a0, sigma, s_buf.data(), x_bufs.data(), g_buf.data());
             g_gradient_rows.fetch_add(1, std::memory_order_relaxed);
           }
         });
       } else {
-        // Few rows: every thread takes chunks of the same row (x_j-major over its chunks, so each
-        // x_j streams as one long run), then the coefficients, then the gradient's chunks.
-        std::vector<acc_t> sums(chunks * S), total(S), c(J), rescale(J), coef(J);
+        // Few rows: every thread takes chunks of the same row (group-major over its chunks, so
+        // each row streams as one long run), then the coefficients, then the gradient's chunks.
+        std::vector<acc_t> sums(chunks * S), total(S), c(J), rescale(groups), coef(groups * kGroup);
         for (int64_t b = 0; b < B; ++b) {
           at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-            std::vector<acc_t> s_buf(kChunk), x_buf(kChunk);
-            acc_t unused;
-            for (int64_t ch = begin; ch < end; ++ch) x_sums(b, -1, ch, s_buf.data(), x_buf.data(), unused, sums[ch * S]);
-            for (int64_t j = 0; j < J; ++j)
-              for (int64_t ch = begin; ch < end; ++ch)
-                x_sums(b, j, ch, s_buf.data(), x_buf.data(), sums[ch * S + 1 + j], sums[ch * S + 1 + J + j]);
+            std::vector<acc_t> s_buf(kChunk), x_bufs(kGroup * kChunk);
+            const acc_t* xs[kGroup];
+            for (int64_t ch = begin; ch < end; ++ch)
+              sums[ch * S] = student_sq(load_student(b, ch, s_buf.data()), std::min(kChunk, D - ch * kChunk));
+            for (int64_t g = 0; g < groups; ++g)
+              for (int64_t ch = begin; ch < end; ++ch) {
+                acc_t cd[kGroup], cq[kGroup];
+                const int64_t n = load_group(b, g, ch, x_bufs.data(), xs);
+                group_sums<acc_t>(load_student(b, ch, s_buf.data()), xs, group_rows(g), n, cd, cq);
+                for (int r = 0; r < group_rows(g); ++r) {
+                  const int64_t j = stream_j(g * kGroup + r);
+                  sums[ch * S + 1 + j] = cd[r], sums[ch * S + 1 + J + j] = cq[r];
+                }
+              }
           });
           std::fill(total.begin(), total.end(), acc_t(0));
           for (int64_t ch = 0; ch < chunks; ++ch)
             for (int64_t i = 0; i < S; ++i) total[i] += sums[ch * S + i];
           pns[b] = std::sqrt(total[0]);
-          OnlineRow<acc_t> row{info_nce, e, inv_t, std::max(pns[b], e), J - 1, c.data(), pnx + b * J};
-          for (int64_t k = 1; k < J; ++k) row.negative(k, total[1 + k], total[1 + J + k], rescale[k], coef[k]);
+          OnlineRow<acc_t> row{info_nce, e, inv_t, std::max(pns[b], e), K, c.data(), pnx + b * J};
+          for (int64_t g = 0; g < groups && group_negatives(g) > 0; ++g) {
+            const int64_t k0 = g * kGroup + 1;
+            rescale[g] = row.negatives(k0, group_negatives(g), total.data() + 1 + k0, total.data() + 1 + J + k0,
+                                       coef.data() + g * kGroup);
+          }
           acc_t kappa, a0, sigma;
           pl[b] = row.finish(total[1], total[1 + J], pns[b], kappa, a0, sigma);
           if (!need_grad) continue;
           at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-            std::vector<acc_t> s_buf(kChunk), x_buf(kChunk), g(kChunk), u(kChunk);
+            std::vector<acc_t> s_buf(kChunk), x_bufs(kGroup * kChunk), g_buf(kChunk), u(kChunk);
+            const acc_t* xs[kGroup];
             for (int64_t ch = begin; ch < end; ++ch) {
-              const int64_t d0 = ch * kChunk, n = std::min(kChunk, D - d0);
-              for (int64_t k = 1; k < J; ++k) {
-                const acc_t* x = load<acc_t>(x_row(b, k) + d0 * x_src(k).elem, x_src(k).dtype, n, x_buf.data());
-                accumulate<acc_t>(k == 1, rescale[k], coef[k], x, n, u.data());
+              for (int64_t g = 0; g < groups && group_negatives(g) > 0; ++g) {
+                const int64_t n = load_group(b, g, ch, x_bufs.data(), xs);
+                accumulate_group<acc_t>(g == 0, rescale[g], coef.data() + g * kGroup, xs, group_negatives(g), n,
+                                        u.data());
               }
-              final_chunk(b, ch, kappa, u.data(), a0, sigma, s_buf.data(), x_buf.data(), g.data());
+              final_chunk(b, ch, kappa, u.data(), a0, sigma, s_buf.data(), x_bufs.data(), g_buf.data());
             }
           });
           g_gradient_rows.fetch_add(1, std::memory_order_relaxed);
