@@ -503,6 +503,13 @@ namespace {
 constexpr int64_t kRowBudget = 1 << 19;  // bytes of a row's inputs handled by one task (L2-sized)
 std::atomic<int64_t> g_gradient_rows{0};  // rows whose gradient was computed (a test hook)
 
+// Gathered bank rows are a few KiB at random addresses: the hardware prefetcher has no stream to
+// follow, so each row's lines are requested kPrefetchRows rows ahead.
+constexpr int64_t kPrefetchRows = 2;
+inline void prefetch(const char* p, int64_t bytes) {
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i, 0, 3);
+}
+
 // Per-row loss and gradient coefficients from the full-D sums (the math of functional.py).
 template <typename acc_t>
 acc_t row_epilogue(bool info_nce, acc_t eps, acc_t inv_temperature, acc_t ss, const acc_t* dot, const acc_t* xx,
@@ -811,6 +818,8 @@ std::vector<at::Tensor> one_pass(const at::Tensor& student, const at::Tensor& te
       sums[0] = 0;
       dot_and_square<acc_t>(s, s, n, unused, sums[0]);
       for (int64_t j = 0; j < J; ++j) {
+        if (j + kPrefetchRows < J) prefetch(x_row(b, j + kPrefetchRows) + d0 * x_src(j + kPrefetchRows).elem,
+                                            n * x_src(j + kPrefetchRows).elem);
         const acc_t* x = load<acc_t>(x_row(b, j) + d0 * x_src(j).elem, x_src(j).dtype, n, x_buf);
         sums[1 + j] = 0, sums[1 + J + j] = 0;
         dot_and_square<acc_t>(s, x, n, sums[1 + j], sums[1 + J + j]);
