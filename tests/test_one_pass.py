@@ -85,6 +85,15 @@ def test_one_pass_matches_float64_large_rows(mode, loss, schedule):
                 **({"temperature": 0.05} if loss == "info_nce" else {}))
 
 
+@pytest.mark.parametrize("schedule", LARGE_ROW_SCHEDULES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=str)
+def test_one_pass_large_rows_other_dtypes(dtype, schedule):
+    # bf16: U in a scratch row, then converted; fp64: U built in G's own row, as for fp32
+    batch, thread_count = LARGE_ROW_SCHEDULES[schedule]
+    with threads(thread_count):
+        compare("info_nce", student_only("explicit", batch, 5, 40_003, dtype, seed=6), "mean")
+
+
 @pytest.mark.parametrize("shape", [(2, 1, 1), (2, 1, 5), (3, 1, 4099), (4, 6, (3, 11))], ids=str)
 @pytest.mark.parametrize("mode", ONE_PASS_MODES)
 def test_one_pass_odd_shapes(mode, shape):

@@ -892,7 +892,8 @@ std::vector<at::Tensor> one_pass(const at::Tensor& student, const at::Tensor& te
         const acc_t* s = load_student(b, ch, s_buf);
         const acc_t* x0 = load<acc_t>(t_rows.row(b) + d0 * t_rows.elem, t_rows.dtype, n, x_buf);
         combine<acc_t>(kappa, u, a0, x0, sigma, s, n, g);
-        store<acc_t>(g, grad.scalar_type(), n, static_cast<char*>(grad.data_ptr()) + (b * D + d0) * grad.element_size());
+        char* out = static_cast<char*>(grad.data_ptr()) + (b * D + d0) * grad.element_size();
+        if (reinterpret_cast<char*>(g) != out) store<acc_t>(g, grad.scalar_type(), n, out);
       };
       const int64_t threads = at::get_num_threads(), rows_per_thread = (B + threads - 1) / threads;
       if (4 * rows_per_thread * threads <= 5 * B) {
@@ -900,9 +901,12 @@ std::vector<at::Tensor> one_pass(const at::Tensor& student, const at::Tensor& te
         // streams from DRAM once for its sums, and is added to U from L2 right after, while its
         // norms are known. Only U, s and x_0 are read again, for the final combine.
         at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-          std::vector<acc_t> s_buf(kChunk), x_bufs(kGroup * kChunk), g_buf(kChunk), u(need_grad ? D : 0), c(J);
+          // U lives in G's own row when G is in acc_t (no scratch row: the peak stays G's size).
+          const bool u_in_grad = need_grad && grad.scalar_type() == acc;
+          std::vector<acc_t> s_buf(kChunk), x_bufs(kGroup * kChunk), g_buf(kChunk), scratch(need_grad && !u_in_grad ? D : 0), c(J);
           const acc_t* xs[kGroup];
           for (int64_t b = begin; b < end; ++b) {
+            acc_t* u = u_in_grad ? grad.data_ptr<acc_t>() + b * D : scratch.data();
             acc_t ss = 0, pos_dot = 0, pos_sq = 0;
             for (int64_t ch = 0; ch < chunks; ++ch) {
               const int64_t n = std::min(kChunk, D - ch * kChunk);
@@ -924,14 +928,15 @@ std::vector<at::Tensor> one_pass(const at::Tensor& student, const at::Tensor& te
               if (!need_grad) continue;
               for (int64_t ch = 0; ch < chunks; ++ch) {
                 const int64_t n = load_group(b, g, ch, x_bufs.data(), xs);
-                accumulate_group<acc_t>(g == 0, rescale, coef, xs, negs, n, u.data() + ch * kChunk);
+                accumulate_group<acc_t>(g == 0, rescale, coef, xs, negs, n, u + ch * kChunk);
               }
             }
             acc_t kappa, a0, sigma;
             pl[b] = row.finish(pos_dot, pos_sq, pns[b], kappa, a0, sigma);
             if (!need_grad) continue;
             for (int64_t ch = 0; ch < chunks; ++ch)
-              final_chunk(b, ch, kappa, u.data() + ch * kChunk, a0, sigma, s_buf.data(), x_bufs.data(), g_buf.data());
+              final_chunk(b, ch, kappa, u + ch * kChunk, a0, sigma, s_buf.data(), x_bufs.data(),
+                          u_in_grad ? u + ch * kChunk : g_buf.data());
             g_gradient_rows.fetch_add(1, std::memory_order_relaxed);
           }
         });
