@@ -50,6 +50,10 @@ class ContrastiveProblem:
     num_negatives: int
     eps: float
     temperature: float
+    # The gradient each row's loss is expected to receive: 1 / B under reduction "mean", else 1.
+    # The CPU one pass folds it into the student's gradient in the forward, so the usual
+    # ``loss.backward()`` has nothing left to do (any other grad_output is still exact).
+    row_grad: float = 1.0
 
     @property
     def batch(self) -> int:

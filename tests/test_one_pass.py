@@ -167,10 +167,42 @@ def test_one_pass_is_bit_deterministic(case):
         assert torch.equal(loss, results[0][0]) and torch.equal(grad, results[0][1])
 
 
-def test_a_second_backward_through_a_retained_graph_fails_clearly():
+def test_the_usual_backward_returns_the_forwards_gradient_without_a_pass():
+    """loss.backward() after a mean or a sum: G was pre-scaled by the row gradient in the forward,
+    and the backward hands that very buffer on (no pass over [B, D])."""
+    for reduction, mode in (("mean", "explicit"), ("sum", "bank"), ("mean", "in_batch")):
+        s, t, n, idx = student_only(mode, 4, 3, 50)
+        loss = lk.cos_nce_loss(s, t, n, idx, reduction=reduction, backend="cpp")
+        node = loss.grad_fn.next_functions[0][0]  # the one pass, under MeanBackward / SumBackward
+        saved = node.saved_tensors[0]
+        version = saved._version
+        (grad,) = torch.autograd.grad(loss, s)
+        assert grad.data_ptr() == saved.data_ptr() and saved._version == version, reduction  # not even scaled
+        s64 = s.detach().double().requires_grad_()
+        LOSSES["cos_nce"](s64, t.double(), None if n is None else n.double(), idx, reduction=reduction,
+                          backend="torch").backward()
+        assert gradient_error(grad, s64.grad, s, s[0].numel(), 1e-8) < TOLERANCE[torch.float32]
+
+
+def test_other_upstream_gradients_are_scaled_exactly():
+    for loss_name, scale in (("cos_nce", 2.5), ("info_nce", -0.3)):
+        s, t, n, _ = student_only("explicit", 5, 3, 4099 * 40)  # large rows: the G built in the forward
+        (scale * LOSSES[loss_name](s, t, n, None, backend="cpp")).backward()
+        s64 = s.detach().double().requires_grad_()
+        (scale * LOSSES[loss_name](s64, t.double(), n.double(), None, backend="torch")).backward()
+        assert gradient_error(s.grad, s64.grad, s, s[0].numel(), 1e-8) < TOLERANCE[torch.float32]
+
+
+def test_a_second_backward_through_a_retained_graph():
     s, t, n, _ = student_only("explicit", 3, 2, 20)
     loss = lk.cos_nce_loss(s, t, n, backend="cpp")
-    loss.backward(retain_graph=True)
+    loss.backward(retain_graph=True)  # the usual gradient: G untouched, so a second one is right too
+    first = s.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(s.grad, 2 * first)
+    s.grad = None
+    loss = 3 * lk.cos_nce_loss(s, t, n, backend="cpp")
+    loss.backward(retain_graph=True)  # G scaled in place: a second backward must not read it
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
 

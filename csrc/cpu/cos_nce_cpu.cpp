@@ -628,7 +628,7 @@ struct OnlineRow {
 // loss, and G_b = (a / (ns nt)) t_b + (beta / ns) u + sigma s_b, re-read from L1/L2.
 // Returns (loss [B], G or undefined, |s| [B], |t| [B, 1]).
 std::vector<at::Tensor> in_batch_one_pass(const at::Tensor& student, const at::Tensor& teacher, double eps,
-                                          bool need_grad) {
+                                          bool need_grad, double grad_scale) {
   const int64_t B = student.size(0), D = student.size(1), chunks = (D + kChunk - 1) / kChunk;
   TORCH_CHECK(B >= 2, "in-batch negatives need B >= 2");
   const auto acc = acc_type({student.scalar_type(), teacher.scalar_type()});
@@ -673,8 +673,9 @@ std::vector<at::Tensor> in_batch_one_pass(const at::Tensor& student, const at::T
         const acc_t c_pos = st / (ns * nt);
         pl[b] = acc_t(2) - acc_t(1.5) * c_pos + acc_t(0.5) * (su / ns - c_pos) / acc_t(B - 1);
         if (!need_grad) continue;
-        const acc_t sigma = pns[b] >= e ? -(a * c_pos + beta * su / ns) / (ns * ns) : acc_t(0);
-        const acc_t coef_t = a / (ns * nt), coef_u = beta / ns;
+        const acc_t gs = static_cast<acc_t>(grad_scale);
+        const acc_t sigma = pns[b] >= e ? -gs * (a * c_pos + beta * su / ns) / (ns * ns) : acc_t(0);
+        const acc_t coef_t = gs * a / (ns * nt), coef_u = gs * beta / ns;
         for (int64_t c = 0; c < chunks; ++c) {
           const int64_t d0 = c * kChunk, n = std::min(kChunk, D - d0);
           const acc_t* s = load<acc_t>(s_rows.row(b) + d0 * s_rows.elem, s_rows.dtype, n, s_buf.data());
@@ -696,7 +697,7 @@ std::vector<at::Tensor> in_batch_one_pass(const at::Tensor& student, const at::T
 // G = (w / (|s| |t|^T)) t + sigma s, sigma_b = -(sum_j w_bj c_bj) / |s_b|^2.
 // Returns (loss [B], G or undefined, |s| [B], |t| [B, 1]).
 std::vector<at::Tensor> in_batch_info_nce_one_pass(const at::Tensor& student, const at::Tensor& teacher, double eps,
-                                                   double temperature, bool need_grad) {
+                                                   double temperature, bool need_grad, double grad_scale) {
   const int64_t B = student.size(0);
   TORCH_CHECK(B >= 2, "in-batch negatives need B >= 2");
   const auto acc = acc_type({student.scalar_type(), teacher.scalar_type()});
@@ -763,6 +764,7 @@ std::vector<at::Tensor> in_batch_info_nce_one_pass(const at::Tensor& student, co
       }
     });
   });
+  if (need_grad && grad_scale != 1.0) dots.mul_(grad_scale), sigma.mul_(grad_scale);  // [B, B] and [B]: cheap
   at::Tensor grad;
   if (need_grad && small) {
     grad = at::empty({B, D}, student.options());
@@ -783,15 +785,17 @@ std::vector<at::Tensor> in_batch_info_nce_one_pass(const at::Tensor& student, co
   return {loss, grad, norm_s, norm_t.unsqueeze(1)};
 }
 
-// Returns (loss [B], G [B, D] in the student's dtype or undefined, |s| [B], |x_j| [B, J]).
+// Returns (loss [B], grad_scale G [B, D] in the student's dtype or undefined, |s| [B], |x_j| [B, J]).
+// grad_scale is the gradient each row's loss is expected to receive (1 / B under a mean), folded
+// into G's coefficients so that the usual backward has nothing left to do.
 std::vector<at::Tensor> one_pass(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& negatives,
                                  const at::Tensor& index, int64_t mode, bool info_nce, double eps, double temperature,
-                                 bool need_grad) {
+                                 bool need_grad, double grad_scale) {
   check_rows(student, "student");
   check_rows(teacher, "teacher");
   if (mode == kInBatch)
-    return info_nce ? in_batch_info_nce_one_pass(student, teacher, eps, temperature, need_grad)
-                    : in_batch_one_pass(student, teacher, eps, need_grad);
+    return info_nce ? in_batch_info_nce_one_pass(student, teacher, eps, temperature, need_grad, grad_scale)
+                    : in_batch_one_pass(student, teacher, eps, need_grad, grad_scale);
   const int64_t B = student.size(0), D = student.size(1);
   const Negatives neg = make_negatives(mode, teacher, negatives, index);
   const int64_t J = neg.num_neg + 1, chunks = (D + kChunk - 1) / kChunk;
@@ -835,9 +839,12 @@ std::vector<at::Tensor> one_pass(const at::Tensor& student, const at::Tensor& te
       store<acc_t>(g, grad.scalar_type(), n,
                    static_cast<char*>(grad.data_ptr()) + (b * D + d0) * grad.element_size());
     };
+    const acc_t gs = static_cast<acc_t>(grad_scale);
     auto finish = [&](int64_t b, const acc_t* total, acc_t* A, acc_t& sigma) {
       pl[b] = row_epilogue<acc_t>(info_nce, e, inv_t, total[0], total + 1, total + 1 + J, J, A, sigma, pns[b],
                                   pnx + b * J);
+      for (int64_t j = 0; j < J; ++j) A[j] *= gs;
+      sigma *= gs;
     };
     if (row_bytes <= kRowBudget) {
       // Small rows: a row is one task, its inputs still in L2 for the gradient.
@@ -933,6 +940,7 @@ std::vector<at::Tensor> one_pass(const at::Tensor& student, const at::Tensor& te
             }
             acc_t kappa, a0, sigma;
             pl[b] = row.finish(pos_dot, pos_sq, pns[b], kappa, a0, sigma);
+            kappa *= gs, a0 *= gs, sigma *= gs;
             if (!need_grad) continue;
             for (int64_t ch = 0; ch < chunks; ++ch)
               final_chunk(b, ch, kappa, u + ch * kChunk, a0, sigma, s_buf.data(), x_bufs.data(),
@@ -973,6 +981,7 @@ std::vector<at::Tensor> one_pass(const at::Tensor& student, const at::Tensor& te
           }
           acc_t kappa, a0, sigma;
           pl[b] = row.finish(total[1], total[1 + J], pns[b], kappa, a0, sigma);
+          kappa *= gs, a0 *= gs, sigma *= gs;
           if (!need_grad) continue;
           at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
             std::vector<acc_t> s_buf(kChunk), x_bufs(kGroup * kChunk), g_buf(kChunk), u(kChunk);

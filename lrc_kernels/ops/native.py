@@ -219,7 +219,7 @@ def one_pass_loss(student: Tensor, teacher: Tensor, negatives: Optional[Tensor],
     """
     negatives, neg_index = _kernel_arguments(teacher, negatives, neg_index, mode, check_index)
     loss, grad, norm_s, norm_x = extension_for(student.device).one_pass(student, teacher, negatives, neg_index, mode,
-                                                                        info_nce, eps, temperature, need_grad)
+                                                                        info_nce, eps, temperature, need_grad, 1.0)
     loss = loss if loss.dtype == torch.float64 else loss.float()
     return loss, (grad if need_grad else student.new_empty(0)), norm_s, norm_x
 
@@ -243,12 +243,21 @@ def _one_pass_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero-filled [B, D] gradient for the G output
 
 
-def _scaled_saved_gradient(ctx, grad_rows):
-    """G scaled by grad_output, in place: no second [B, D] buffer. A second backward through a
-    retained graph then fails clearly (autograd sees the saved tensor modified) instead of
-    reading a scaled G."""
+def _scaled_saved_gradient(ctx, grad_rows, row_grad=None):
+    """The saved G, already ``row_grad`` times d loss_b / d s_b, scaled to ``grad_rows``.
+
+    When every row receives ``row_grad`` (``loss.backward()`` after a mean or a sum: the forward
+    folded it in), G is returned as it is: no pass over [B, D]. Otherwise it is scaled in place,
+    with no second [B, D] buffer; a second backward through a retained graph then fails clearly
+    (autograd sees the saved tensor modified) instead of reading a scaled G. ``row_grad`` None:
+    no check (compiled graphs, where a data-dependent branch would break the graph).
+    """
     grad, _ = ctx.saved_tensors
-    return grad.mul_(grad_rows.to(grad.dtype)[:, None])
+    if row_grad is None:
+        return grad.mul_(grad_rows.to(grad.dtype)[:, None])
+    if bool((grad_rows == row_grad).all()):
+        return grad
+    return grad.mul_((grad_rows / row_grad).to(grad.dtype)[:, None])
 
 
 @single_backward
@@ -262,14 +271,16 @@ one_pass_loss.register_autograd(_one_pass_backward, setup_context=_one_pass_setu
 class _OnePass(torch.autograd.Function):
     """Eager calls of the one pass: the extension straight from an autograd.Function. The custom
     op's dispatch costs about 0.1 ms a call, which decides small shapes; compiled graphs take
-    ``one_pass_loss``, which torch.compile traces. The same kernel, G saved, the backward a scale."""
+    ``one_pass_loss``, which torch.compile traces. The same kernel, G saved (pre-scaled by the row
+    gradient a mean or sum gives), the backward nothing or a scale."""
 
     @staticmethod
-    def forward(ctx, student, teacher, negatives, neg_index, mode, info_nce, eps, temperature, need_grad):
+    def forward(ctx, student, teacher, negatives, neg_index, mode, info_nce, eps, temperature, need_grad, row_grad):
         negatives, neg_index = _kernel_arguments(teacher, negatives, neg_index, mode, False)
         loss, grad, norm_s, norm_x = extension_for(student.device).one_pass(
-            student, teacher, negatives, neg_index, mode, info_nce, eps, temperature, need_grad)
+            student, teacher, negatives, neg_index, mode, info_nce, eps, temperature, need_grad, row_grad)
         ctx.save_for_backward(grad if need_grad else None, student)
+        ctx.row_grad = row_grad
         ctx.mark_non_differentiable(norm_s, norm_x)
         ctx.set_materialize_grads(False)
         return (loss if loss.dtype == torch.float64 else loss.float()), norm_s, norm_x
@@ -277,7 +288,7 @@ class _OnePass(torch.autograd.Function):
     @staticmethod
     @single_backward
     def backward(ctx, grad_rows, *unused_grads):
-        return _scaled_saved_gradient(ctx, grad_rows), None, None, None, None, None, None, None, None
+        return _scaled_saved_gradient(ctx, grad_rows, ctx.row_grad), None, None, None, None, None, None, None, None, None
 
 
 def _one_pass_applies(problem: ContrastiveProblem) -> bool:
@@ -378,7 +389,7 @@ def _native_row_losses(problem: ContrastiveProblem) -> tuple[torch.Tensor, tuple
         if torch.compiler.is_compiling():
             rows, _, norm_s, norm_x = torch.ops.lrc_kernels.one_pass_loss(*arguments, check_index)
         else:
-            rows, norm_s, norm_x = _OnePass.apply(*arguments)
+            rows, norm_s, norm_x = _OnePass.apply(*arguments, problem.row_grad)
         return rows, (norm_s, norm_x)
     rows, norm_s, norm_x, _ = torch.ops.lrc_kernels.gather_negatives_loss(
         problem.student, problem.teacher, negatives, index, mode, problem.loss == "info_nce", problem.eps,
