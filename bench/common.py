@@ -119,6 +119,26 @@ def median_seconds(fn: Callable, device: torch.device, *, repeats: int = 10, war
     return statistics.median(times)
 
 
+def interleaved_ratio(fn: Callable, reference: Callable, *, repeats: int = 10, warmup: int = 2) -> tuple[float, float]:
+    """(median over rounds of time(fn) / time(reference), median time(reference) in seconds), each
+    round timing the two back to back (CPU): on a shared machine the drift between separate
+    measurements is larger than the margins being measured, and a ratio taken within a round
+    cancels it."""
+    for _ in range(warmup):
+        reference()
+        fn()
+    ratios, reference_times = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        reference()
+        middle = time.perf_counter()
+        fn()
+        end = time.perf_counter()
+        ratios.append((end - middle) / (middle - start))
+        reference_times.append(middle - start)
+    return statistics.median(ratios), statistics.median(reference_times)
+
+
 def gpu_kernel_seconds(fn: Callable[[], object], *, repeats: int = 20) -> float:
     """Mean GPU busy time per call of ``fn()`` (sum of its kernels, from the profiler).
 
@@ -207,12 +227,12 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 28) -> float:
     return 2 * nbytes / seconds
 
 
-def read_bandwidth(device: torch.device, nbytes: int) -> float:
-    """Bytes per second of reading a buffer of ``nbytes`` once (a large ``torch.sum``): the floor
-    of an op that must read that many bytes."""
+def read_floor(device: torch.device, nbytes: int) -> Callable[[], object]:
+    """Reading a buffer of ``nbytes`` once (a large ``torch.sum``): the floor of an op that must
+    read that many bytes."""
     src = torch.empty(max(nbytes // 4, 1), dtype=torch.float32, device=device).uniform_()
-    seconds = median_seconds(lambda: src.sum(), device, repeats=10, warmup=3)
-    return nbytes / seconds
+    return lambda: src.sum()
+
 
 
 # --------------------------------------------------------------------------- results
