@@ -169,9 +169,10 @@ def test_one_pass_is_bit_deterministic(case):
 
 def test_the_usual_backward_returns_the_forwards_gradient_without_a_pass():
     """loss.backward() after a mean or a sum: G was pre-scaled by the row gradient in the forward,
-    and the backward hands that very buffer on (no pass over [B, D])."""
+    and the backward hands that very buffer on (no pass over [B, D]; below 2^14 elements it scales,
+    which costs less than the check)."""
     for reduction, mode in (("mean", "explicit"), ("sum", "bank"), ("mean", "in_batch")):
-        s, t, n, idx = student_only(mode, 4, 3, 50)
+        s, t, n, idx = student_only(mode, 4, 3, 5_000)
         loss = lk.cos_nce_loss(s, t, n, idx, reduction=reduction, backend="cpp")
         node = loss.grad_fn.next_functions[0][0]  # the one pass, under MeanBackward / SumBackward
         saved = node.saved_tensors[0]
@@ -194,7 +195,7 @@ def test_other_upstream_gradients_are_scaled_exactly():
 
 
 def test_a_second_backward_through_a_retained_graph():
-    s, t, n, _ = student_only("explicit", 3, 2, 20)
+    s, t, n, _ = student_only("explicit", 3, 2, 6_000)  # G above 2^14 elements: the in-place path
     loss = lk.cos_nce_loss(s, t, n, backend="cpp")
     loss.backward(retain_graph=True)  # the usual gradient: G untouched, so a second one is right too
     first = s.grad.clone()
@@ -205,6 +206,12 @@ def test_a_second_backward_through_a_retained_graph():
     loss.backward(retain_graph=True)  # G scaled in place: a second backward must not read it
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+    small = student_only("explicit", 3, 2, 20)[0]  # a small G is scaled into a new buffer
+    loss = 3 * lk.cos_nce_loss(small, t[:, :20], n[..., :20], backend="cpp")
+    loss.backward(retain_graph=True)
+    first = small.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(small.grad, 2 * first)
 
 
 def test_compile_and_opcheck_on_the_one_pass_op():

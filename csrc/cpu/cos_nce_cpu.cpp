@@ -733,10 +733,12 @@ std::vector<at::Tensor> in_batch_info_nce_one_pass(const at::Tensor& student, co
   auto loss = at::empty({B}, norm_s.options()), sigma = at::empty({B}, norm_s.options());
   auto zmax = at::empty({B, 1}, norm_s.options());
   LRC_DISPATCH_ACC(acc, [&] {
-    const acc_t e = static_cast<acc_t>(eps), inv_t = static_cast<acc_t>(1.0 / temperature);
+    const acc_t e = static_cast<acc_t>(eps), inv_t = static_cast<acc_t>(1.0 / temperature),
+                gs = static_cast<acc_t>(grad_scale);
     const acc_t* pns = norm_s.data_ptr<acc_t>();
-    const at::Tensor inv_nt_t = norm_t.clamp_min(eps).reciprocal();
-    const acc_t* inv_nt = inv_nt_t.data_ptr<acc_t>();
+    std::vector<acc_t> inv_nt_v(B);
+    for (int64_t j = 0; j < B; ++j) inv_nt_v[j] = acc_t(1) / std::max(norm_t.data_ptr<acc_t>()[j], e);
+    const acc_t* inv_nt = inv_nt_v.data();
     acc_t *pz = dots.data_ptr<acc_t>(), *pmax = zmax.data_ptr<acc_t>();
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
@@ -745,7 +747,17 @@ std::vector<at::Tensor> in_batch_info_nce_one_pass(const at::Tensor& student, co
         pmax[b] = scale_and_max<acc_t>(row, inv_nt, scale, B);
       }
     });
-    const at::Tensor expz = (dots - zmax).exp_();
+    // exp(z - max): a loop for small B, ATen's vectorised exp above (std::exp per element cost
+    // more than the GEMMs at B = 256, D = 64), where its two calls no longer matter.
+    at::Tensor expz;
+    if (B * B <= 4096) {
+      expz = at::empty_like(dots);
+      acc_t* px = expz.data_ptr<acc_t>();
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t j = 0; j < B; ++j) px[b * B + j] = std::exp(pz[b * B + j] - pmax[b]);
+    } else {
+      expz = (dots - zmax).exp_();
+    }
     const acc_t* pe = expz.data_ptr<acc_t>();
     acc_t *pl = loss.data_ptr<acc_t>(), *psig = sigma.data_ptr<acc_t>();
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
@@ -756,15 +768,14 @@ std::vector<at::Tensor> in_batch_info_nce_one_pass(const at::Tensor& student, co
         pl[b] = pmax[b] + std::log(total) - row[b];
         if (!need_grad) continue;
         // w_j = (p_j - [j = b]) / tau; the coefficient of t_j is w_j / (|s| |t_j|).
-        const acc_t ns = std::max(pns[b], e), p_scale = inv_t / total, c_scale = acc_t(1) / ns;
+        const acc_t ns = std::max(pns[b], e), p_scale = inv_t / total, c_scale = gs / ns;
         const acc_t z_b = row[b];
         const acc_t wz = softmax_coefficients<acc_t>(ex, p_scale, c_scale, inv_nt, B, row) - inv_t * z_b;
         row[b] -= inv_t * c_scale * inv_nt[b];
-        psig[b] = pns[b] >= e ? -(wz / inv_t) / (ns * ns) : acc_t(0);  // sum_j w_j c_j = tau sum_j w_j z_j
+        psig[b] = pns[b] >= e ? -gs * (wz / inv_t) / (ns * ns) : acc_t(0);  // sum_j w_j c_j = tau sum_j w_j z_j
       }
     });
   });
-  if (need_grad && grad_scale != 1.0) dots.mul_(grad_scale), sigma.mul_(grad_scale);  // [B, B] and [B]: cheap
   at::Tensor grad;
   if (need_grad && small) {
     grad = at::empty({B, D}, student.options());

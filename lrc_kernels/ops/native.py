@@ -9,7 +9,8 @@ sigma s + sum_j A_j x_j (student) and A_j s + G_j x_j (x_j), with the per-row co
 A_j, G_j and sigma of that formula scaled by the incoming gradient go.
 
 On CPU, when only the student needs a gradient (distillation), every mode takes the one pass
-(``one_pass_loss``): the loss and G = d loss_b / d s_b in one sweep, the backward a scale;
+(``one_pass_loss``): the loss and G = d loss_b / d s_b in one sweep (pre-scaled by the row
+gradient a mean or sum gives, so the usual backward is free, and otherwise a scale);
 in-batch COS-NCE runs its O(B D) algorithm there and in-batch InfoNCE two GEMMs. Otherwise
 in-batch COS-NCE is the shared O(B D) algorithm of ``in_batch.py`` over the
 ``weighted_colsum`` / ``row_dot_vec`` / ``row_combine`` primitives, and in-batch InfoNCE one
@@ -243,11 +244,15 @@ def _one_pass_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero-filled [B, D] gradient for the G output
 
 
+_SMALL_GRADIENT = 1 << 14  # elements: below this, scaling costs less than checking whether to scale
+
+
 def _scaled_saved_gradient(ctx, grad_rows, row_grad=None):
     """The saved G, already ``row_grad`` times d loss_b / d s_b, scaled to ``grad_rows``.
 
     When every row receives ``row_grad`` (``loss.backward()`` after a mean or a sum: the forward
-    folded it in), G is returned as it is: no pass over [B, D]. Otherwise it is scaled in place,
+    folded it in), G is returned as it is: no pass over [B, D]. A small G is scaled into a new
+    buffer without the check (which costs more than the scale there). Otherwise it is scaled in place,
     with no second [B, D] buffer; a second backward through a retained graph then fails clearly
     (autograd sees the saved tensor modified) instead of reading a scaled G. ``row_grad`` None:
     no check (compiled graphs, where a data-dependent branch would break the graph).
@@ -255,6 +260,8 @@ def _scaled_saved_gradient(ctx, grad_rows, row_grad=None):
     grad, _ = ctx.saved_tensors
     if row_grad is None:
         return grad.mul_(grad_rows.to(grad.dtype)[:, None])
+    if grad.numel() <= _SMALL_GRADIENT:  # a small new buffer: the saved G stays as it was
+        return grad * (grad_rows / row_grad).to(grad.dtype)[:, None]
     if bool((grad_rows == row_grad).all()):
         return grad
     return grad.mul_((grad_rows / row_grad).to(grad.dtype)[:, None])
