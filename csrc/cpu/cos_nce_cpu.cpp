@@ -490,12 +490,12 @@ at::Tensor row_combine(const at::Tensor& x, const at::Tensor& a, const at::Tenso
 // One pass: the per-row loss and, when the student needs it, its gradient at grad_output = 1,
 //   G_b = sigma_b s_b + sum_j A_bj x_bj,
 // computed while the row's inputs are in cache (the math: lrc_kernels/functional.py). The
-// backward is then a scale of G by grad_output, so each input is read from DRAM once and
-// nothing but G is kept for backward. A row whose inputs fit kRowBudget is one task (rows run
+// backward is then a scale of G by grad_output (none when grad_scale anticipated it), so each
+// input is read from DRAM once and nothing but G is kept for backward. A row whose inputs fit kRowBudget is one task (rows run
 // in parallel; the gradient re-reads the row from L2). A larger row (the paper's shape: 17 rows
 // of 98,304) does not fit L2, and re-reading it from the LLC cost 60% more than the sums, so G
-// is built as each negative leaves the cache (OnlineRow): every input row is read from DRAM once
-// and from L2 once. Such rows go one per thread, or, when that would leave threads idle, each
+// is built as each group of negatives leaves the cache (OnlineRow): every input row is read
+// from DRAM once, and once more from the LLC group by group, with the norms already known. Such rows go one per thread, or, when that would leave threads idle, each
 // row is split over the threads by D; both give the same bits.
 
 namespace {
