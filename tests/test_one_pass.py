@@ -143,9 +143,11 @@ def test_the_negatives_are_not_kept_for_backward():
     assert s.grad is not None and torch.isfinite(s.grad).all()
 
 
-@pytest.mark.parametrize("case", [("bank", 3, 4, 40_003, "cos_nce", True), ("explicit", 3, 4, 40_003, "info_nce", True),
+@pytest.mark.parametrize("case", [("bank", 3, 4, 40_003, "cos_nce", True),
+                                  ("explicit", 3, 4, 40_003, "info_nce", True),
                                   ("in_batch", 9, 8, 5_003, "cos_nce", True),
-                                  ("in_batch", 9, 8, 5_003, "info_nce", False), ("in_batch", 40, 39, 300, "info_nce", False)],
+                                  ("in_batch", 9, 8, 5_003, "info_nce", False),
+                                  ("in_batch", 40, 39, 300, "info_nce", False)],
                          ids=str)
 def test_one_pass_is_bit_deterministic(case):
     """The same bits run to run; on any number of threads too (3 large rows: one schedule on 1

@@ -491,12 +491,13 @@ at::Tensor row_combine(const at::Tensor& x, const at::Tensor& a, const at::Tenso
 //   G_b = sigma_b s_b + sum_j A_bj x_bj,
 // computed while the row's inputs are in cache (the math: lrc_kernels/functional.py). The
 // backward is then a scale of G by grad_output (none when grad_scale anticipated it), so each
-// input is read from DRAM once and nothing but G is kept for backward. A row whose inputs fit kRowBudget is one task (rows run
-// in parallel; the gradient re-reads the row from L2). A larger row (the paper's shape: 17 rows
-// of 98,304) does not fit L2, and re-reading it from the LLC cost 60% more than the sums, so G
-// is built as each group of negatives leaves the cache (OnlineRow): every input row is read
-// from DRAM once, and once more from the LLC group by group, with the norms already known. Such rows go one per thread, or, when that would leave threads idle, each
-// row is split over the threads by D; both give the same bits.
+// input is read from DRAM once and nothing but G is kept for backward. A row whose inputs fit
+// kRowBudget is one task (rows run in parallel; the gradient re-reads the row from L2). A
+// larger row (the paper's shape: 17 rows of 98,304) does not fit L2, and re-reading it from the
+// LLC cost 60% more than the sums, so G is built as each group of negatives leaves the cache
+// (OnlineRow): every input row is read from DRAM once, and once more from the LLC group by
+// group, with the norms already known. Such rows go one per thread, or, when that would leave
+// threads idle, each row is split over the threads by D; both give the same bits.
 
 namespace {
 
@@ -921,7 +922,8 @@ std::vector<at::Tensor> one_pass(const at::Tensor& student, const at::Tensor& te
         at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
           // U lives in G's own row when G is in acc_t (no scratch row: the peak stays G's size).
           const bool u_in_grad = need_grad && grad.scalar_type() == acc;
-          std::vector<acc_t> s_buf(kChunk), x_bufs(kGroup * kChunk), g_buf(kChunk), scratch(need_grad && !u_in_grad ? D : 0), c(J);
+          std::vector<acc_t> s_buf(kChunk), x_bufs(kGroup * kChunk), g_buf(kChunk), c(J);
+          std::vector<acc_t> scratch(need_grad && !u_in_grad ? D : 0);
           const acc_t* xs[kGroup];
           for (int64_t b = begin; b < end; ++b) {
             acc_t* u = u_in_grad ? grad.data_ptr<acc_t>() + b * D : scratch.data();

@@ -252,8 +252,8 @@ def _scaled_saved_gradient(ctx, grad_rows, row_grad=None):
 
     When every row receives ``row_grad`` (``loss.backward()`` after a mean or a sum: the forward
     folded it in), G is returned as it is: no pass over [B, D]. A small G is scaled into a new
-    buffer without the check (which costs more than the scale there). Otherwise it is scaled in place,
-    with no second [B, D] buffer; a second backward through a retained graph then fails clearly
+    buffer without the check (which costs more than the scale there). Otherwise it is scaled in
+    place, with no second [B, D] buffer; a second backward through a retained graph then fails clearly
     (autograd sees the saved tensor modified) instead of reading a scaled G. ``row_grad`` None:
     no check (compiled graphs, where a data-dependent branch would break the graph).
     """
@@ -295,7 +295,7 @@ class _OnePass(torch.autograd.Function):
     @staticmethod
     @single_backward
     def backward(ctx, grad_rows, *unused_grads):
-        return _scaled_saved_gradient(ctx, grad_rows, ctx.row_grad), None, None, None, None, None, None, None, None, None
+        return (_scaled_saved_gradient(ctx, grad_rows, ctx.row_grad),) + (None,) * 9
 
 
 def _one_pass_applies(problem: ContrastiveProblem) -> bool:
