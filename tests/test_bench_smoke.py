@@ -45,3 +45,18 @@ def test_distill_benchmark_smoke(tmp_path):
     assert all(r["samples_per_s"] > 0 for r in payload["train"])
     assert payload["inference"]["smaller"] > 1
     assert bench_distill.layer_map(4, 12) == [3, 6, 9, 12]
+
+
+def test_kernel_ab_script_builds_a_source_and_times_it_against_the_floor(tmp_path):
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "ab_cpu_kernel.py"
+    source = Path(__file__).resolve().parents[1] / "csrc" / "cpu" / "cos_nce_cpu.cpp"
+    run = subprocess.run([sys.executable, str(script), str(source), "--shape", "3,2,70", "--rounds", "2"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    assert lines[-3].startswith("cos_nce, B=3 K=2 D=70") and "floor (torch.sum)" in lines[-2]
+    assert "v0:cos_nce_cpu.cpp" in lines[-1] and "x sum" in lines[-1]
+    missing = subprocess.run([sys.executable, str(script), str(tmp_path / "missing.cpp")], capture_output=True, text=True)
+    assert missing.returncode == 2 and "no such kernel source" in missing.stderr
