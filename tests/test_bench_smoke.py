@@ -58,5 +58,6 @@ def test_kernel_ab_script_builds_a_source_and_times_it_against_the_floor(tmp_pat
     lines = run.stdout.splitlines()
     assert lines[-3].startswith("cos_nce, B=3 K=2 D=70") and "floor (torch.sum)" in lines[-2]
     assert "v0:cos_nce_cpu.cpp" in lines[-1] and "x sum" in lines[-1]
-    missing = subprocess.run([sys.executable, str(script), str(tmp_path / "missing.cpp")], capture_output=True, text=True)
+    missing = subprocess.run([sys.executable, str(script), str(tmp_path / "missing.cpp")],
+                             capture_output=True, text=True)
     assert missing.returncode == 2 and "no such kernel source" in missing.stderr
