@@ -245,7 +245,7 @@ def run(args) -> dict:
         # The single-read floor, measured in this run: reading the inputs' bytes once. On the CPU
         # it is timed interleaved with each implementation (x floor is the median of the ratios).
         floor = common.read_floor(device, case.input_bytes())
-        floor_s = common.median_seconds(floor, device, repeats=10, warmup=3)
+        floor_s = None if device.type == "cpu" else common.median_seconds(floor, device, repeats=10, warmup=3)
         impls = implementations(device, not args.no_compile and case.group in compile_groups, case.group)
         for name, fn in impls.items():
             try:
@@ -256,8 +256,9 @@ def run(args) -> dict:
                 row["fwd_bw_fraction"] = case.input_bytes() / (row["fwd_ms"] / 1e3) / copy_bw
                 row["fwd_bwd_bw_fraction"] = min_bytes / (row["fwd_bwd_ms"] / 1e3) / copy_bw  # true minimum
                 row["fwd_bwd_two_pass_fraction"] = case.two_pass_bytes() / (row["fwd_bwd_ms"] / 1e3) / copy_bw
-                row.setdefault("floor_ms", 1e3 * floor_s)
-                row.setdefault("x_floor", row["fwd_bwd_ms"] / 1e3 / floor_s)
+                if floor_s is not None:
+                    row["floor_ms"] = 1e3 * floor_s
+                    row["x_floor"] = row["fwd_bwd_ms"] / 1e3 / floor_s
                 if "fwd_bwd_gpu_ms" in row:
                     row["fwd_bwd_gpu_bw_fraction"] = min_bytes / (row["fwd_bwd_gpu_ms"] / 1e3) / copy_bw
             results.append({"case": asdict(case), "label": case.label, "impl": name, **row})

@@ -87,45 +87,13 @@ inline void combine(acc_t a, const acc_t* x, acc_t c, const acc_t* y, acc_t e, c
   for (int64_t i = 0; i < n; ++i) out[i] = a * x[i] + c * y[i] + (v ? e * v[i] : acc_t(0));
 }
 
-// dot += a.x, sq += x.x, at streaming speed. One vector accumulator per sum (what
-// `omp simd reduction` gave: one 128-bit chain) waits on the FMA latency, about 8 GB/s per core
-// from L1. Here 4 + 4 independent 256-bit accumulators (GCC vector extensions, so no
-// intrinsics header and any ISA with 256-bit vectors or emulation of them). Checked with
-// `g++ -O3 -march=native -S` (gcc 12, this Zen 4 CPU): the block loop is 8 vfmadd231ps on
-// 8 ymm registers, 4 loads of x and 4 of a per 32 floats, no spills. The lanes are combined in
-// a fixed order, so the sum has the same bits on every run.
-template <typename acc_t>
-inline void dot_and_square(const acc_t* a, const acc_t* x, int64_t n, acc_t& dot, acc_t& sq) {
-  typedef acc_t vec __attribute__((vector_size(32), aligned(sizeof(acc_t)), may_alias));
-  constexpr int64_t kLanes = 32 / sizeof(acc_t);
-  auto at = [](const acc_t* p) { return *reinterpret_cast<const vec*>(p); };
-  vec d0{}, d1{}, d2{}, d3{}, q0{}, q1{}, q2{}, q3{};
-  int64_t i = 0;
-  for (; i + 4 * kLanes <= n; i += 4 * kLanes) {
-    const vec x0 = at(x + i), x1 = at(x + i + kLanes), x2 = at(x + i + 2 * kLanes), x3 = at(x + i + 3 * kLanes);
-    d0 += at(a + i) * x0, d1 += at(a + i + kLanes) * x1;
-    d2 += at(a + i + 2 * kLanes) * x2, d3 += at(a + i + 3 * kLanes) * x3;
-    q0 += x0 * x0, q1 += x1 * x1, q2 += x2 * x2, q3 += x3 * x3;
-  }
-  const vec d = (d0 + d1) + (d2 + d3), q = (q0 + q1) + (q2 + q3);
-  acc_t dt = 0, qt = 0;
-  for (int64_t l = 0; l < kLanes; ++l) dt += d[l], qt += q[l];
-  for (; i < n; ++i) dt += a[i] * x[i], qt += x[i] * x[i];
-  dot += dt;
-  sq += qt;
-}
-
-template <typename acc_t>
-inline void axpy(acc_t alpha, const acc_t* x, int64_t n, acc_t* y) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
-}
-
-// dot[r] = a.x_r, sq[r] = x_r.x_r for R rows at once: one load of a serves R rows. With a in
-// L2, the one-row loop (a loaded per row) took half of this core's DRAM stream; four rows per
-// load recover most of it. U-way unrolled so that 2 R U = 8 independent FMA chains hide the
-// latency (R = 4: 8 vfmadd231ps per 8 lanes, one load of a and four of x). Lanes are combined
-// in a fixed order, so the bits are the same on every run.
+// dot[r] = a.x_r, sq[r] = x_r.x_r for R rows at once, at streaming speed. One vector accumulator
+// per sum (what `omp simd reduction` gave: one 128-bit chain) waits on the FMA latency, about
+// 8 GB/s per core from L1; here 256-bit vectors (GCC vector extensions, so no intrinsics header),
+// U-way unrolled so that 2 R U = 8 independent FMA chains hide it. One load of a serves R rows:
+// with a in L2, loading it per row took half of this core's DRAM stream. Checked with
+// `g++ -O3 -march=native -S` (gcc 12, this Zen 4 CPU): 8 vfmadd231ps on 8 ymm registers per step,
+// no spills. The lanes are combined in a fixed order, so the bits are the same on every run.
 template <typename acc_t, int R, int U>
 inline void dot_and_square_rows(const acc_t* a, const acc_t* const* x, int64_t n, acc_t* dot, acc_t* sq) {
   typedef acc_t vec __attribute__((vector_size(32), aligned(sizeof(acc_t)), may_alias));
@@ -149,6 +117,21 @@ inline void dot_and_square_rows(const acc_t* a, const acc_t* const* x, int64_t n
     for (int64_t k = i; k < n; ++k) dt += a[k] * x[r][k], qt += x[r][k] * x[r][k];
     dot[r] = dt, sq[r] = qt;
   }
+}
+
+// dot += a.x, sq += x.x (one row: 4 + 4 chains).
+template <typename acc_t>
+inline void dot_and_square(const acc_t* a, const acc_t* x, int64_t n, acc_t& dot, acc_t& sq) {
+  acc_t d, q;
+  dot_and_square_rows<acc_t, 1, 4>(a, &x, n, &d, &q);
+  dot += d;
+  sq += q;
+}
+
+template <typename acc_t>
+inline void axpy(acc_t alpha, const acc_t* x, int64_t n, acc_t* y) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
 constexpr int kGroup = 4;  // rows of one sweep over the student (and of one update of U)
@@ -738,7 +721,8 @@ std::vector<at::Tensor> in_batch_info_nce_one_pass(const at::Tensor& student, co
                 gs = static_cast<acc_t>(grad_scale);
     const acc_t* pns = norm_s.data_ptr<acc_t>();
     std::vector<acc_t> inv_nt_v(B);
-    for (int64_t j = 0; j < B; ++j) inv_nt_v[j] = acc_t(1) / std::max(norm_t.data_ptr<acc_t>()[j], e);
+    const acc_t* pnt = norm_t.data_ptr<acc_t>();
+    for (int64_t j = 0; j < B; ++j) inv_nt_v[j] = acc_t(1) / std::max(pnt[j], e);
     const acc_t* inv_nt = inv_nt_v.data();
     acc_t *pz = dots.data_ptr<acc_t>(), *pmax = zmax.data_ptr<acc_t>();
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
@@ -901,8 +885,8 @@ std::vector<at::Tensor> one_pass(const at::Tensor& student, const at::Tensor& te
         return load<acc_t>(s_rows.row(b) + d0 * s_rows.elem, s_rows.dtype, std::min(kChunk, D - d0), s_buf);
       };
       auto student_sq = [&](const acc_t* s, int64_t n) {
-        acc_t dot, sq;
-        dot_and_square_rows<acc_t, 1, 4>(s, &s, n, &dot, &sq);
+        acc_t unused = 0, sq = 0;
+        dot_and_square<acc_t>(s, s, n, unused, sq);
         return sq;
       };
       auto final_chunk = [&](int64_t b, int64_t ch, acc_t kappa, const acc_t* u, acc_t a0, acc_t sigma,
