@@ -50,14 +50,19 @@ class ContrastiveProblem:
     num_negatives: int
     eps: float
     temperature: float
-    # The gradient each row's loss is expected to receive: 1 / B under reduction "mean", else 1.
-    # The CPU one pass folds it into the student's gradient in the forward, so the usual
-    # ``loss.backward()`` has nothing left to do (any other grad_output is still exact).
-    row_grad: float = 1.0
+    # "none", "mean" or "sum": what the backend's loss function returns (``backends.Backend.load``).
+    reduction: str = "none"
 
     @property
     def batch(self) -> int:
         return self.student.shape[0]
+
+    @property
+    def row_grad(self) -> float:
+        """The gradient each row's loss is expected to receive: 1 / B under a mean, else 1. The
+        CPU one pass folds it into the student's gradient in the forward, so the usual
+        ``loss.backward()`` has nothing left to do (any other grad_output is still exact)."""
+        return 1.0 / self.batch if self.reduction == "mean" else 1.0
 
     @property
     def dim(self) -> int:

@@ -1,9 +1,10 @@
 """Backend registry: names -> per-row loss implementations, loaded lazily.
 
-A backend is a function ``row_losses(problem) -> Tensor[B]`` (fp32, or fp64 for
-fp64 inputs) that is differentiable with respect to the problem's tensors. New
-backends (for example a native CUDA kernel) register here; nothing in the public
-API changes.
+A backend is a module with a function ``row_losses(problem) -> Tensor[B]`` (fp32, or
+fp64 for fp64 inputs) that is differentiable with respect to the problem's tensors, and
+optionally ``reduced_loss(problem)``: the mean or sum of the rows where it has a fused path
+for that problem, else None. New backends (for example a native CUDA kernel) register
+here; nothing in the public API changes.
 
 The resolution code is written so that ``torch.compile(fullgraph=True)`` can trace it:
 modules are imported by plain ``import`` statements inside loader functions, and the
@@ -33,12 +34,31 @@ class Backend:
     traceable: bool = True  # runs correctly inside torch.compile graphs
 
     def load(self) -> Callable[[ContrastiveProblem], torch.Tensor]:
-        """The backend's ``row_losses``; builds it first where it is compiled (``ensure_ready``)."""
+        """The backend's loss function (the rows reduced by ``problem.reduction``); builds the
+        backend first where it is compiled (``ensure_ready``)."""
         module = self.loader()
         ready = getattr(module, "ensure_ready", None)
         if ready is not None and not torch.compiler.is_compiling():
             ready()
-        return module.row_losses
+        row_losses, fused = module.row_losses, getattr(module, "reduced_loss", None)
+
+        def loss(problem: ContrastiveProblem) -> torch.Tensor:
+            if fused is not None and problem.reduction != "none":
+                reduced = fused(problem)
+                if reduced is not None:
+                    return reduced
+            return reduce_rows(row_losses(problem), problem.reduction)
+
+        loss.backend = self.name
+        return loss
+
+
+def reduce_rows(rows: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return rows.mean()
+    if reduction == "sum":
+        return rows.sum()
+    return rows
 
 
 def _load_reference():
@@ -129,7 +149,7 @@ def available_backends(device_type: str = "cpu") -> list[str]:
 
 
 def resolve(name: str, device: torch.device) -> Callable[[ContrastiveProblem], torch.Tensor]:
-    """The ``row_losses`` of the named backend, or of the fastest available one for ``auto``.
+    """The loss function of the named backend, or of the fastest available one for ``auto``.
     ``name`` was checked by :func:`check_backend_name` (once per call, in ``functional.py``)."""
     compiling = torch.compiler.is_compiling()
     if name == "auto" and not compiling and device.type in _AUTO_CHOICE:

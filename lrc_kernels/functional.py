@@ -37,14 +37,8 @@ def _contrastive_loss(loss, student, teacher, negatives, neg_index, reduction, e
     problem = prepare_problem(
         loss, student, teacher, negatives, neg_index, eps=eps, temperature=temperature
     )
-    if reduction == "mean":
-        problem.row_grad = 1.0 / problem.batch
-    rows = backends.resolve(backend, problem.device)(problem)
-    if reduction == "mean":
-        return rows.mean()
-    if reduction == "sum":
-        return rows.sum()
-    return rows
+    problem.reduction = reduction
+    return backends.resolve(backend, problem.device)(problem)
 
 
 def cos_nce_loss(

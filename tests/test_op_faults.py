@@ -102,17 +102,18 @@ def test_inference_mode_teacher_with_a_student_that_requires_grad(mode, loss):
 @pytest.mark.parametrize("scale,dtype", [(1e20, torch.float32), (1e30, torch.float32), (1e200, torch.float64)])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("loss", LOSSES)
-def test_finite_rows_whose_squared_norm_overflows_give_the_right_cosine(scale, dtype, mode, loss):
+@pytest.mark.parametrize("reduction", ["none", "sum"])  # "sum": the CPU one pass's reduced call falls back too
+def test_finite_rows_whose_squared_norm_overflows_give_the_right_cosine(scale, dtype, mode, loss, reduction):
     generator = torch.Generator().manual_seed(11)
     s, t, n, idx = make_inputs(mode, 4, 3, 10, torch.float64, generator=generator)
-    expected = LOSSES[loss](s, t, n, idx, reduction="none", backend="torch")
+    expected = LOSSES[loss](s, t, n, idx, reduction=reduction, backend="torch")
     expected.sum().backward()
     want_grad = s.grad / scale  # cos is scale-invariant: d/d(c s) = (d/ds) / c
     assert torch.isfinite(expected).all()
     for backend in lk.available_backends("cpu"):
         big = [None if x is None else (x.detach() * scale).to(dtype) for x in (s, t, n)]
         student = big[0].requires_grad_()
-        got = LOSSES[loss](student, big[1], big[2], idx, reduction="none", backend=backend)
+        got = LOSSES[loss](student, big[1], big[2], idx, reduction=reduction, backend=backend)
         if backend == "triton":  # the GPU kernels accumulate squared norms: NaN, never a wrong value
             assert torch.isnan(got).any() or torch.allclose(got.double(), expected.detach(), rtol=1e-4)
             continue

@@ -1000,6 +1000,27 @@ std::vector<at::Tensor> one_pass(const at::Tensor& student, const at::Tensor& te
   return {loss, grad, norm_s, norm_x};
 }
 
+// The eager fast path of a mean or a sum: the reduced loss (fp32, or fp64), G pre-scaled for it
+// (undefined without need_grad), and whether every norm is finite (if not, the caller falls back
+// to the reference, which rescales rows first). One call instead of a dozen small ATen ops and
+// two autograd nodes, whose Python costs about 0.3 ms a call after the inputs have evicted it.
+std::tuple<at::Tensor, at::Tensor, bool> one_pass_reduced(const at::Tensor& student, const at::Tensor& teacher,
+                                                        const at::Tensor& negatives, const at::Tensor& index,
+                                                        int64_t mode, bool info_nce, double eps, double temperature,
+                                                        bool need_grad, bool mean) {
+  const double grad_scale = mean ? 1.0 / static_cast<double>(student.size(0)) : 1.0;
+  auto out = one_pass(student, teacher, negatives, index, mode, info_nce, eps, temperature, need_grad, grad_scale);
+  const at::Tensor& rows = out[0];  // fp32 or fp64: the accumulation dtype
+  bool finite = true;
+  LRC_DISPATCH_ACC(rows.scalar_type(), [&] {
+    for (const at::Tensor* norms : {&out[2], &out[3]}) {
+      const acc_t* p = norms->data_ptr<acc_t>();
+      for (int64_t i = 0; i < norms->numel(); ++i) finite = finite && std::isfinite(p[i]);
+    }
+  });
+  return {mean ? rows.mean() : rows.sum(), out[1], finite};
+}
+
 int64_t gradient_rows_computed() { return g_gradient_rows.load(); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1010,5 +1031,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("row_dot_vec", &row_dot_vec);
   m.def("row_combine", &row_combine);
   m.def("one_pass", &one_pass);
+  m.def("one_pass_reduced", &one_pass_reduced);
   m.def("gradient_rows_computed", &gradient_rows_computed);
 }

@@ -28,3 +28,10 @@ def row_losses(problem: ContrastiveProblem) -> torch.Tensor:
     if problem.device.type != "cpu":
         raise RuntimeError(f"backend='cpp' runs on CPU tensors, got {problem.device}")
     return native.row_losses(problem)
+
+
+def reduced_loss(problem: ContrastiveProblem) -> torch.Tensor | None:
+    """The mean or sum in one kernel call where the CPU one pass applies (eager), else None."""
+    if problem.device.type != "cpu":
+        raise RuntimeError(f"backend='cpp' runs on CPU tensors, got {problem.device}")
+    return native.reduced_loss(problem)

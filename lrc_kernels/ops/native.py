@@ -255,16 +255,19 @@ def _scaled_saved_gradient(ctx, grad_rows, row_grad=None):
     buffer without the check (which costs more than the scale there). Otherwise it is scaled in
     place, with no second [B, D] buffer; a second backward through a retained graph then fails clearly
     (autograd sees the saved tensor modified) instead of reading a scaled G. ``row_grad`` None:
-    no check (compiled graphs, where a data-dependent branch would break the graph).
+    no check (compiled graphs, where a data-dependent branch would break the graph). A 0-dim
+    ``grad_rows`` is the gradient of a reduced loss (``_OnePassReduced``), whose G expects 1.
     """
     grad, _ = ctx.saved_tensors
     if row_grad is None:
         return grad.mul_(grad_rows.to(grad.dtype)[:, None])
+    factor = grad_rows / row_grad
+    factor = factor.to(grad.dtype) if factor.dim() == 0 else factor.to(grad.dtype)[:, None]
     if grad.numel() <= _SMALL_GRADIENT:  # a small new buffer: the saved G stays as it was
-        return grad * (grad_rows / row_grad).to(grad.dtype)[:, None]
+        return grad * factor
     if bool((grad_rows == row_grad).all()):
         return grad
-    return grad.mul_((grad_rows / row_grad).to(grad.dtype)[:, None])
+    return grad.mul_(factor)
 
 
 @single_backward
@@ -296,6 +299,40 @@ class _OnePass(torch.autograd.Function):
     @single_backward
     def backward(ctx, grad_rows, *unused_grads):
         return (_scaled_saved_gradient(ctx, grad_rows, ctx.row_grad),) + (None,) * 9
+
+
+class _OnePassReduced(torch.autograd.Function):
+    """The eager CPU one pass of a mean or a sum, reduced in the kernel's call: one autograd node
+    and no per-row tensors in Python (``one_pass_reduced`` in csrc/cpu). Returns (loss, whether
+    every norm is finite); G is pre-scaled for the reduction, so ``loss.backward()`` is free."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, negatives, neg_index, mode, info_nce, eps, temperature, need_grad, mean):
+        negatives, neg_index = _kernel_arguments(teacher, negatives, neg_index, mode, False)
+        loss, grad, finite = extension_for(student.device).one_pass_reduced(
+            student, teacher, negatives, neg_index, mode, info_nce, eps, temperature, need_grad, mean)
+        ctx.save_for_backward(grad, student)
+        ctx.set_materialize_grads(False)
+        return loss, finite
+
+    @staticmethod
+    @single_backward
+    def backward(ctx, grad_loss, unused_grad):
+        return (_scaled_saved_gradient(ctx, grad_loss, 1.0),) + (None,) * 9
+
+
+def reduced_loss(problem: ContrastiveProblem) -> Optional[Tensor]:
+    """The mean or sum of the rows in one kernel call (eager CPU calls where the one pass applies),
+    or None: then ``row_losses`` and a reduction in torch, which also handle non-finite norms."""
+    if torch.compiler.is_compiling() or not _one_pass_applies(problem):
+        return None
+    with torch.autocast(problem.device.type, enabled=False):
+        need_grad = torch.is_grad_enabled() and problem.student.requires_grad
+        index = problem.neg_index.contiguous() if problem.mode.indexed else None
+        loss, finite = _OnePassReduced.apply(problem.student, problem.teacher, problem.negatives, index,
+                                             int(problem.mode), problem.loss == "info_nce", problem.eps,
+                                             problem.temperature, need_grad, problem.reduction == "mean")
+    return loss if finite else None
 
 
 def _one_pass_applies(problem: ContrastiveProblem) -> bool:
