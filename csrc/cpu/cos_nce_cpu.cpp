@@ -775,7 +775,9 @@ std::vector<at::Tensor> in_batch_info_nce_one_pass(const at::Tensor& student, co
       }
     });
   } else if (need_grad) {
-    grad = at::addmm(s * sigma.unsqueeze(1), dots, t).to(student.scalar_type());
+    grad = s * sigma.unsqueeze(1);
+    grad.addmm_(dots, t);  // in place: one [B, D] buffer, not a second for addmm's result
+    grad = grad.to(student.scalar_type());
   }
   if (need_grad) g_gradient_rows.fetch_add(B, std::memory_order_relaxed);
   return {loss, grad, norm_s, norm_t.unsqueeze(1)};
