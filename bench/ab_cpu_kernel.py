@@ -6,7 +6,8 @@
 
 Each source is built as its own extension; every round then times, back to back, a large
 ``torch.sum`` over the inputs' bytes (the single-read floor) and the one-pass kernel of each
-version (forward with the student's gradient, as in training). Medians of the rounds, and
+version (forward with the student's gradient, as in training; ``--no-grad``: the forward
+alone, as in inference). Medians of the rounds, and
 of each version's ratio to the floor of its own round: on a shared machine the drift between
 separate runs is larger than the differences being measured. Also reports whether the
 versions give the same bits.
