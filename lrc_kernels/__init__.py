@@ -9,6 +9,7 @@ Importing this package needs neither Triton nor a compiler: backends load on fir
 """
 
 from .backends import available_backends, backend_names, register_backend
+from .cpu_cache import cpu_cache_bytes, empty_cpu_cache, set_cpu_cache_limit
 from .functional import cos_nce_loss, info_nce_loss
 from .modules import CosNCELoss, InfoNCELoss
 
@@ -22,5 +23,8 @@ __all__ = [
     "available_backends",
     "backend_names",
     "register_backend",
+    "cpu_cache_bytes",
+    "empty_cpu_cache",
+    "set_cpu_cache_limit",
     "__version__",
 ]

@@ -101,6 +101,7 @@ _REGISTRY: dict[str, Backend] = {}
 _FAILED: dict[str, str] = {}  # backends whose build/load failed: auto skips them, warning once
 _AVAILABLE: dict[str, bool] = {}  # probes touch the file system: once per process, not per call
 _AUTO_CHOICE: dict[str, Callable] = {}  # device type -> what "auto" loaded (eager calls; small shapes pay per call)
+_LOADED: dict[str, Callable] = {}  # backend name -> its loaded loss function (eager calls)
 
 
 def register_backend(backend: Backend) -> None:
@@ -108,6 +109,7 @@ def register_backend(backend: Backend) -> None:
     _REGISTRY[backend.name] = backend
     _AVAILABLE.pop(backend.name, None)
     _AUTO_CHOICE.clear()
+    _LOADED.pop(backend.name, None)
 
 
 register_backend(Backend("torch", _load_reference, ("cpu", "cuda", "mps", "xpu"),
@@ -154,6 +156,9 @@ def resolve(name: str, device: torch.device) -> Callable[[ContrastiveProblem], t
     compiling = torch.compiler.is_compiling()
     if name == "auto" and not compiling and device.type in _AUTO_CHOICE:
         return _AUTO_CHOICE[device.type]
+    loaded = None if compiling else _LOADED.get(name)
+    if loaded is not None and device.type in _REGISTRY[name].device_types:
+        return loaded
     if name == "auto":
         candidates = sorted(
             (b for b in _REGISTRY.values()
@@ -186,4 +191,7 @@ def resolve(name: str, device: torch.device) -> Callable[[ContrastiveProblem], t
     if not _is_available(name):
         needs = ", ".join(backend.requires) or "its toolchain"
         raise RuntimeError(f"backend={name!r} is not available here (it needs {needs}, and a C++ compiler for cpp)")
-    return backend.load()
+    loaded = backend.load()
+    if not compiling:
+        _LOADED[name] = loaded
+    return loaded

@@ -310,3 +310,59 @@ def test_compile_and_opcheck_on_the_in_batch_one_pass(loss):
     (got_grad,) = torch.autograd.grad(compiled(s, t), s)
     (want_grad,) = torch.autograd.grad(fn(s, t), s)
     torch.testing.assert_close(got_grad, want_grad)
+
+
+def _reference_gradient(s, t, n, idx):
+    s64 = s.detach().double().requires_grad_()
+    lk.cos_nce_loss(s64, t.double(), None if n is None else n.double(), idx, backend="torch").backward()
+    return s64.grad
+
+
+def test_a_freed_gradient_buffer_is_reused_and_fully_overwritten():
+    """A freed G of >= 1 MiB is kept for the next call of that size (no page faults on a fresh
+    buffer): the next G is the same memory, every element rewritten, and a G still in use is
+    never handed out twice."""
+    lk.empty_cpu_cache()
+    s, t, n, _ = student_only("explicit", 4, 3, 70_001)  # G: 1.12 MB
+    nbytes = s.numel() * s.element_size()
+    want = _reference_gradient(s, t, n, None)
+
+    def gradient():
+        return torch.autograd.grad(lk.cos_nce_loss(s, t, n, backend="cpp"), s)[0]
+
+    first = gradient()
+    address = first.data_ptr()
+    assert lk.cpu_cache_bytes() == 0  # in use: not in the cache
+    first.fill_(float("nan"))  # what a reused buffer holds must not leak into the next gradient
+    del first
+    assert lk.cpu_cache_bytes() == nbytes
+    second = gradient()
+    assert second.data_ptr() == address and lk.cpu_cache_bytes() == 0
+    third = gradient()  # the second is alive: a new buffer
+    assert third.data_ptr() != address
+    for grad in (second, third):
+        assert gradient_error(grad, want, s, s[0].numel(), 1e-8) < TOLERANCE[torch.float32]
+    del second, third, grad
+    assert lk.cpu_cache_bytes() == 2 * nbytes
+    lk.empty_cpu_cache()
+    assert lk.cpu_cache_bytes() == 0
+
+
+def test_the_cache_limit():
+    s, t, n, _ = student_only("explicit", 4, 3, 70_001)
+    nbytes = s.numel() * s.element_size()
+    try:
+        lk.set_cpu_cache_limit(0)
+        torch.autograd.grad(lk.cos_nce_loss(s, t, n, backend="cpp"), s)
+        assert lk.cpu_cache_bytes() == 0
+        lk.set_cpu_cache_limit(nbytes)  # one buffer: the older of two freed ones is dropped
+        grads = [torch.autograd.grad(lk.cos_nce_loss(s, t, n, backend="cpp"), s)[0] for _ in range(2)]
+        del grads
+        assert lk.cpu_cache_bytes() == nbytes
+        lk.set_cpu_cache_limit(nbytes - 1)  # lowering the limit frees what is above it
+        assert lk.cpu_cache_bytes() == 0
+    finally:
+        lk.set_cpu_cache_limit(256 << 20)
+    for bad in (-1, 1.5, True, "1"):
+        with pytest.raises(ValueError, match="nbytes must be an int >= 0"):
+            lk.set_cpu_cache_limit(bad)

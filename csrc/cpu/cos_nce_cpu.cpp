@@ -17,11 +17,15 @@
 #include "../common/negative_mode.h"
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/alloc_cpu.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <list>
+#include <mutex>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -484,6 +488,93 @@ at::Tensor row_combine(const at::Tensor& x, const at::Tensor& a, const at::Tenso
 
 namespace {
 
+// G is the op's one output the size of the inputs' rows, made anew every call. A freed G of
+// several MiB is often returned to the OS by glibc (or its pages left unmapped), and the next
+// call then faults every page back in: in the bench's loop, 700-900 faults a call at the paper
+// shape, 0.4x the single-read floor. A freed G is therefore kept for the next call of the same
+// size (the training loop's steady state), as PyTorch's CUDA caching allocator does, up to a
+// limit (lrc_kernels.set_cpu_cache_limit), oldest dropped first; lrc_kernels.empty_cpu_cache()
+// frees it. Buffers under 1 MiB stay with malloc, which reuses them without faulting.
+class GradientCache {
+ public:
+  static GradientCache& instance() {
+    static GradientCache* cache = new GradientCache();  // never destroyed: a G may outlive static teardown
+    return *cache;
+  }
+
+  at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    int64_t numel = 1;
+    for (int64_t size : sizes) numel *= size;
+    const size_t nbytes = static_cast<size_t>(numel) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
+    if (nbytes < kMinBytes || limit() < nbytes) return at::empty(sizes, options);
+    void* data = take(nbytes);
+    if (data == nullptr) data = c10::alloc_cpu(nbytes);
+    return at::from_blob(data, sizes, [this, nbytes](void* p) { give(p, nbytes); }, options);
+  }
+
+  size_t held() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return held_;
+  }
+  size_t limit() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return limit_;
+  }
+  void set_limit(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    limit_ = bytes;
+    trim_locked(0);
+  }
+  void clear() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& block : blocks_) c10::free_cpu(block.second);
+    blocks_.clear();
+    held_ = 0;
+  }
+
+ private:
+  static constexpr size_t kMinBytes = size_t(1) << 20;
+
+  void* take(size_t nbytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto it = blocks_.begin(); it != blocks_.end(); ++it)
+      if (it->first == nbytes) {
+        void* data = it->second;
+        blocks_.erase(it);
+        held_ -= nbytes;
+        return data;
+      }
+    return nullptr;
+  }
+  void give(void* data, size_t nbytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (nbytes > limit_) {
+      c10::free_cpu(data);
+      return;
+    }
+    trim_locked(nbytes);
+    blocks_.emplace_back(nbytes, data);  // newest last
+    held_ += nbytes;
+  }
+  // Frees the oldest blocks until `room` more bytes fit under the limit.
+  void trim_locked(size_t room) {
+    while (!blocks_.empty() && held_ + room > limit_) {
+      c10::free_cpu(blocks_.front().second);
+      held_ -= blocks_.front().first;
+      blocks_.pop_front();
+    }
+  }
+
+  std::mutex mutex_;
+  std::list<std::pair<size_t, void*>> blocks_;
+  size_t held_ = 0;
+  size_t limit_ = size_t(256) << 20;
+};
+
+at::Tensor new_gradient(int64_t rows, int64_t dim, const at::TensorOptions& options) {
+  return GradientCache::instance().empty({rows, dim}, options);
+}
+
 constexpr int64_t kRowBudget = 1 << 19;  // bytes of a row's inputs handled by one task (L2-sized)
 std::atomic<int64_t> g_gradient_rows{0};  // rows whose gradient was computed (a test hook)
 
@@ -619,7 +710,7 @@ std::vector<at::Tensor> in_batch_one_pass(const at::Tensor& student, const at::T
   auto opts = student.options().dtype(acc);
   auto loss = at::empty({B}, opts), norm_s = at::empty({B}, opts), norm_t = at::empty({B, 1}, opts);
   at::Tensor grad;
-  if (need_grad) grad = at::empty({B, D}, student.options());
+  if (need_grad) grad = new_gradient(B, D, student.options());
   const Rows s_rows(student), t_rows(teacher);
   LRC_DISPATCH_ACC(acc, [&] {
     const acc_t e = static_cast<acc_t>(eps), beta = acc_t(0.5) / acc_t(B - 1), a = acc_t(-1.5) - beta;
@@ -763,7 +854,7 @@ std::vector<at::Tensor> in_batch_info_nce_one_pass(const at::Tensor& student, co
   });
   at::Tensor grad;
   if (need_grad && small) {
-    grad = at::empty({B, D}, student.options());
+    grad = new_gradient(B, D, student.options());
     LRC_DISPATCH_ACC(acc, [&] {
       const acc_t *ps = s.data_ptr<acc_t>(), *pt = t.data_ptr<acc_t>(), *pa = dots.data_ptr<acc_t>();
       const acc_t* psig = sigma.data_ptr<acc_t>();
@@ -803,7 +894,7 @@ std::vector<at::Tensor> one_pass(const at::Tensor& student, const at::Tensor& te
   auto opts = student.options().dtype(acc);
   auto loss = at::empty({B}, opts), norm_s = at::empty({B}, opts), norm_x = at::empty({B, J}, opts);
   at::Tensor grad;
-  if (need_grad) grad = at::empty({B, D}, student.options());
+  if (need_grad) grad = new_gradient(B, D, student.options());
   const int64_t row_bytes = D * (s_rows.elem + J * neg.rows.elem);
   LRC_DISPATCH_ACC(acc, [&] {
     const acc_t e = static_cast<acc_t>(eps), inv_t = static_cast<acc_t>(1.0 / temperature);
@@ -1007,11 +1098,13 @@ std::vector<at::Tensor> one_pass(const at::Tensor& student, const at::Tensor& te
 // to the reference, which rescales rows first). One call instead of a dozen small ATen ops and
 // two autograd nodes, whose Python costs about 0.3 ms a call after the inputs have evicted it.
 std::tuple<at::Tensor, at::Tensor, bool> one_pass_reduced(const at::Tensor& student, const at::Tensor& teacher,
-                                                        const at::Tensor& negatives, const at::Tensor& index,
-                                                        int64_t mode, bool info_nce, double eps, double temperature,
-                                                        bool need_grad, bool mean) {
+                                                        const std::optional<at::Tensor>& negatives,
+                                                        const std::optional<at::Tensor>& index, int64_t mode,
+                                                        bool info_nce, double eps, double temperature, bool need_grad,
+                                                        bool mean) {
   const double grad_scale = mean ? 1.0 / static_cast<double>(student.size(0)) : 1.0;
-  auto out = one_pass(student, teacher, negatives, index, mode, info_nce, eps, temperature, need_grad, grad_scale);
+  auto out = one_pass(student, teacher, negatives.value_or(at::Tensor()), index.value_or(at::Tensor()), mode,
+                      info_nce, eps, temperature, need_grad, grad_scale);
   const at::Tensor& rows = out[0];  // fp32 or fp64: the accumulation dtype
   bool finite = true;
   LRC_DISPATCH_ACC(rows.scalar_type(), [&] {
@@ -1024,6 +1117,12 @@ std::tuple<at::Tensor, at::Tensor, bool> one_pass_reduced(const at::Tensor& stud
 }
 
 int64_t gradient_rows_computed() { return g_gradient_rows.load(); }
+int64_t cache_held_bytes() { return static_cast<int64_t>(GradientCache::instance().held()); }
+void empty_cache() { GradientCache::instance().clear(); }
+void set_cache_limit(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0, "the cache limit must be >= 0 bytes, got ", bytes);
+  GradientCache::instance().set_limit(static_cast<size_t>(bytes));
+}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "lrc_kernels fused CPU primitives (see lrc_kernels/ops/native.py)";
@@ -1035,4 +1134,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("one_pass", &one_pass);
   m.def("one_pass_reduced", &one_pass_reduced);
   m.def("gradient_rows_computed", &gradient_rows_computed);
+  m.def("cache_held_bytes", &cache_held_bytes);
+  m.def("empty_cache", &empty_cache);
+  m.def("set_cache_limit", &set_cache_limit);
 }

@@ -95,11 +95,24 @@ def cuda_toolchain_present() -> bool:
     return CUDA_HOME is not None
 
 
+# The gradient-buffer cache's limit in bytes, once set before the extension was loaded
+# (``lrc_kernels.set_cpu_cache_limit``); None: the extension's default.
+cpu_cache_limit: int | None = None
+
+
 @functools.lru_cache(maxsize=None)
 def cpu_extension():
     """Build (once, cached on disk) and load the C++ CPU extension."""
-    return build_extension("cpu", CPU_SOURCES, cpu_flags(), extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                           extra_ldflags=["-fopenmp"])
+    extension = build_extension("cpu", CPU_SOURCES, cpu_flags(), extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                                extra_ldflags=["-fopenmp"])
+    if cpu_cache_limit is not None:
+        extension.set_cache_limit(cpu_cache_limit)
+    return extension
+
+
+def loaded_cpu_extension():
+    """The CPU extension if it is loaded already, else None (never builds it)."""
+    return cpu_extension() if cpu_extension.cache_info().currsize else None
 
 
 @functools.lru_cache(maxsize=None)

@@ -261,13 +261,16 @@ def _scaled_saved_gradient(ctx, grad_rows, row_grad=None):
     grad, _ = ctx.saved_tensors
     if row_grad is None:
         return grad.mul_(grad_rows.to(grad.dtype)[:, None])
-    factor = grad_rows / row_grad
-    factor = factor.to(grad.dtype) if factor.dim() == 0 else factor.to(grad.dtype)[:, None]
-    if grad.numel() <= _SMALL_GRADIENT:  # a small new buffer: the saved G stays as it was
-        return grad * factor
-    if bool((grad_rows == row_grad).all()):
-        return grad
-    return grad.mul_(factor)
+    small = grad.numel() <= _SMALL_GRADIENT  # then a new buffer: the saved G stays as it was
+    if grad_rows.dim() == 0:  # one read, no [B] comparison: the backward runs cold after the kernel
+        if not small and grad_rows.item() == row_grad:
+            return grad
+        factor = (grad_rows / row_grad).to(grad.dtype)
+    else:
+        if not small and bool((grad_rows == row_grad).all()):
+            return grad
+        factor = (grad_rows / row_grad).to(grad.dtype)[:, None]
+    return grad * factor if small else grad.mul_(factor)
 
 
 @single_backward
@@ -308,7 +311,7 @@ class _OnePassReduced(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, negatives, neg_index, mode, info_nce, eps, temperature, need_grad, mean):
-        negatives, neg_index = _kernel_arguments(teacher, negatives, neg_index, mode, False)
+        # Absent negatives or index pass as None (no placeholder tensors: every op counts here).
         loss, grad, finite = extension_for(student.device).one_pass_reduced(
             student, teacher, negatives, neg_index, mode, info_nce, eps, temperature, need_grad, mean)
         ctx.save_for_backward(grad, student)
@@ -326,12 +329,12 @@ def reduced_loss(problem: ContrastiveProblem) -> Optional[Tensor]:
     or None: then ``row_losses`` and a reduction in torch, which also handle non-finite norms."""
     if torch.compiler.is_compiling() or not _one_pass_applies(problem):
         return None
-    with torch.autocast(problem.device.type, enabled=False):
-        need_grad = torch.is_grad_enabled() and problem.student.requires_grad
-        index = problem.neg_index.contiguous() if problem.mode.indexed else None
-        loss, finite = _OnePassReduced.apply(problem.student, problem.teacher, problem.negatives, index,
-                                             int(problem.mode), problem.loss == "info_nce", problem.eps,
-                                             problem.temperature, need_grad, problem.reduction == "mean")
+    # No autocast guard: the extension is called directly, not through the dispatcher.
+    need_grad = torch.is_grad_enabled() and problem.student.requires_grad
+    index = problem.neg_index.contiguous() if problem.mode.indexed else None
+    loss, finite = _OnePassReduced.apply(problem.student, problem.teacher, problem.negatives, index,
+                                         int(problem.mode), problem.loss == "info_nce", problem.eps,
+                                         problem.temperature, need_grad, problem.reduction == "mean")
     return loss if finite else None
 
 
