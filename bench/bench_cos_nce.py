@@ -14,8 +14,9 @@ while the row is in cache (the CPU one-pass path does). %BW divides those true m
 "2-pass %BW" divides what a forward plus a separate backward moves (the inputs twice), which is
 today's algorithm elsewhere, not a floor. "x floor" is the time over the single-read floor:
 reading the inputs' bytes once with a large torch.sum. On the CPU the two are timed back to
-back in every round and "x floor" is the median of the ratios (a shared machine drifts more
-between separate measurements than the margins being measured).
+back in every round and "x floor" is the median of the ratios, over up to 31 rounds where a
+round is cheap (a shared machine drifts more between separate measurements than the margins
+being measured).
 
 The backward column times backward alone, each time on a fresh graph built untimed.
 
