@@ -1,4 +1,4 @@
-# make demo: the offline end-to-end LRC-BERT demo (9 to 13 minutes on 2 CPU cores; at most 15).
+# make demo: the offline end-to-end LRC-BERT demo (9 to 14 minutes on 2 CPU cores; at most 15).
 # make test: the test suite, as CI runs it.
 .PHONY: demo test
 
