@@ -23,15 +23,18 @@ def ensure_ready() -> None:
     _build.cpu_extension()
 
 
-def row_losses(problem: ContrastiveProblem) -> torch.Tensor:
-    """Per-row losses [B] (fp32, or fp64 for fp64 inputs) computed by the C++ kernels."""
+def _check_cpu(problem: ContrastiveProblem) -> None:
     if problem.device.type != "cpu":
         raise RuntimeError(f"backend='cpp' runs on CPU tensors, got {problem.device}")
+
+
+def row_losses(problem: ContrastiveProblem) -> torch.Tensor:
+    """Per-row losses [B] (fp32, or fp64 for fp64 inputs) computed by the C++ kernels."""
+    _check_cpu(problem)
     return native.row_losses(problem)
 
 
 def reduced_loss(problem: ContrastiveProblem) -> torch.Tensor | None:
     """The mean or sum in one kernel call where the CPU one pass applies (eager), else None."""
-    if problem.device.type != "cpu":
-        raise RuntimeError(f"backend='cpp' runs on CPU tensors, got {problem.device}")
+    _check_cpu(problem)
     return native.reduced_loss(problem)

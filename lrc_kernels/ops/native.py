@@ -262,14 +262,12 @@ def _scaled_saved_gradient(ctx, grad_rows, row_grad=None):
     if row_grad is None:
         return grad.mul_(grad_rows.to(grad.dtype)[:, None])
     small = grad.numel() <= _SMALL_GRADIENT  # then a new buffer: the saved G stays as it was
-    if grad_rows.dim() == 0:  # one read, no [B] comparison: the backward runs cold after the kernel
-        if not small and grad_rows.item() == row_grad:
+    if not small:  # a 0-dim gradient is one read (the backward runs cold after the kernel)
+        expected = grad_rows.item() == row_grad if grad_rows.dim() == 0 else bool((grad_rows == row_grad).all())
+        if expected:
             return grad
-        factor = (grad_rows / row_grad).to(grad.dtype)
-    else:
-        if not small and bool((grad_rows == row_grad).all()):
-            return grad
-        factor = (grad_rows / row_grad).to(grad.dtype)[:, None]
+    factor = (grad_rows / row_grad).to(grad.dtype)
+    factor = factor[:, None] if factor.dim() else factor
     return grad * factor if small else grad.mul_(factor)
 
 
