@@ -46,6 +46,9 @@ def main() -> None:
     parser.add_argument("--loss", choices=("cos_nce", "info_nce"), default="cos_nce")
     parser.add_argument("--rounds", type=int, default=31)
     parser.add_argument("--no-grad", action="store_true", help="the forward alone (inference: no gradient work)")
+    parser.add_argument("--fixed-index", action="store_true",
+                        help="with --bank: the same index every call (its rows stay in the LLC); by default "
+                             "each call draws new negatives, as a training step does")
     args = parser.parse_args()
     missing = [str(s) for s in args.sources if not s.is_file()]
     if missing:
@@ -61,22 +64,31 @@ def main() -> None:
         student, teacher = torch.randn(batch, dim, generator=g), torch.randn(batch, dim, generator=g)
         if args.bank:
             negatives = torch.randn(args.bank, dim, generator=g)
-            index, mode = torch.randint(0, args.bank, (batch, num_neg), generator=g), BANK
+            indices = [torch.randint(0, args.bank, (batch, num_neg), generator=g)
+                       for _ in range(1 if args.fixed_index else 64)]
+            index, mode = indices[0], BANK
         else:
             negatives = torch.randn(batch, num_neg, dim, generator=g)
-            index, mode = torch.empty(0, dtype=torch.int64), EXPLICIT
+            indices, mode = [torch.empty(0, dtype=torch.int64)], EXPLICIT
+            index = indices[0]
         input_bytes = 4 * (2 * batch * dim + batch * num_neg * dim)
         floor_buffer = torch.rand(input_bytes // 4)
         calls = {"floor (torch.sum)": floor_buffer.sum}
-        arguments = (student, teacher, negatives, index, mode, args.loss == "info_nce", 1e-8, 0.1,
-                     not args.no_grad)
+        arguments = [student, teacher, negatives, index, mode, args.loss == "info_nce", 1e-8, 0.1, not args.no_grad]
+        step = iter(range(1 << 62))
+
+        def next_arguments():  # a new index every call: one version's rows must not be another's cache
+            arguments[3] = indices[next(step) % len(indices)]
+            return arguments
+
+        outputs = []
         for name, ext in versions.items():
             try:  # sources before the row-gradient argument take one argument fewer
-                ext.one_pass(*arguments, 1.0)
-                calls[name] = (lambda ext=ext: ext.one_pass(*arguments, 1.0))
+                outputs.append(ext.one_pass(*arguments, 1.0))
+                calls[name] = (lambda ext=ext: ext.one_pass(*next_arguments(), 1.0))
             except TypeError:
-                calls[name] = (lambda ext=ext: ext.one_pass(*arguments))
-        outputs = [call() for name, call in calls.items() if name in versions]
+                outputs.append(ext.one_pass(*arguments))
+                calls[name] = (lambda ext=ext: ext.one_pass(*next_arguments()))
         for name, out in zip(list(versions)[1:], outputs[1:]):
             same = all((a is None and b is None) or torch.equal(a, b) for a, b in zip(out, outputs[0]))
             print(f"{name}: {'the same bits as' if same else 'different bits from'} {next(iter(versions))}")
@@ -94,6 +106,7 @@ def main() -> None:
                 ratios[name].append(times[name][-1] / times["floor (torch.sum)"][-1])
         print(f"{args.loss}, B={batch} K={num_neg} D={dim}" + (f", bank N={args.bank}" if args.bank else "")
               + (", forward only" if args.no_grad else "")
+              + (", the same index every call" if args.bank and args.fixed_index else ", a new index every call" if args.bank else "")
               + f"; medians of {args.rounds} interleaved rounds")
         for name in calls:
             line = f"  {name:32} {1e3 * statistics.median(times[name]):8.3f} ms"

@@ -16,7 +16,12 @@ today's algorithm elsewhere, not a floor. "x floor" is the time over the single-
 reading the inputs' bytes once with a large torch.sum. On the CPU the two are timed back to
 back in every round and "x floor" is the median of the ratios, over up to 31 rounds where a
 round is cheap (a shared machine drifts more between separate measurements than the margins
-being measured).
+being measured). The indexed mode draws a new index every call, as a training step does, and
+its floor reads a new buffer every call (from DRAM, not the LLC).
+
+On the CPU the speedups of lrc_kernels rows are interleaved too: each implementation and its
+baseline (best eager, torch.compile of it) timed back to back for about 0.5 s of the baseline,
+the median of the ratios.
 
 The backward column times backward alone, each time on a fresh graph built untimed.
 
@@ -183,27 +188,51 @@ def implementations(device: torch.device, with_compile: bool, group: str = "") -
 # --------------------------------------------------------------------------- measuring
 
 
-def forward_backward_of(case: Case, fn, device, rotating=None):
-    rotating = rotating or common.Rotating(lambda: case.make_inputs(device), device)
+INDEX_SETS = 64
+
+
+class CaseInputs:
+    """The input sets one implementation is timed on: ``common.Rotating`` copies, and in the indexed
+    mode a new index every call. A training step draws new negatives; one fixed index would leave
+    its B K bank rows in the LLC (12.6 MB at N = 50,000), timing a cache-hot gather no step sees."""
+
+    def __init__(self, case: Case, device):
+        self.rotating = common.Rotating(lambda: case.make_inputs(device), device)
+        self.indices = None
+        if case.mode == "indexed":
+            self.indices = [torch.randint(0, case.bank_rows, (case.batch, case.num_neg), device=device)
+                            for _ in range(INDEX_SETS)]
+        self.calls = 0
+
+    def next(self):
+        s, t, n, idx = self.rotating.next()
+        if self.indices is not None:
+            self.calls += 1
+            idx = self.indices[self.calls % INDEX_SETS]
+        return s, t, n, idx
+
+
+def forward_backward_of(case: Case, fn, device, inputs=None):
+    inputs = inputs or CaseInputs(case, device)
 
     def forward_backward():
-        s, t, n, idx = rotating.next()
+        s, t, n, idx = inputs.next()
         torch.autograd.grad(fn(case.loss, s, t, n, idx), s)
 
     return forward_backward
 
 
 def measure(case: Case, fn, device, repeats: int, floor=None) -> dict:
-    rotating = common.Rotating(lambda: case.make_inputs(device), device)
+    inputs = CaseInputs(case, device)
 
     def forward():
-        s, t, n, idx = rotating.next()
+        s, t, n, idx = inputs.next()
         return fn(case.loss, s, t, n, idx)
 
-    forward_backward = forward_backward_of(case, fn, device, rotating)
+    forward_backward = forward_backward_of(case, fn, device, inputs)
 
     def fresh_graph():
-        s, t, n, idx = rotating.next()
+        s, t, n, idx = inputs.next()
         return fn(case.loss, s, t, n, idx), s
 
     fwd = common.median_seconds(forward, device, repeats=repeats)
@@ -248,7 +277,7 @@ def run(args) -> dict:
         min_bytes = case.min_bytes()
         # The single-read floor, measured in this run: reading the inputs' bytes once. On the CPU
         # it is timed interleaved with each implementation (x floor is the median of the ratios).
-        floor = common.read_floor(device, case.input_bytes())
+        floor = common.read_floor(device, case.input_bytes(), cold=case.mode == "indexed")
         floor_s = None if device.type == "cpu" else common.median_seconds(floor, device, repeats=10, warmup=3)
         impls = implementations(device, not args.no_compile and case.group in compile_groups, case.group)
         for name, fn in impls.items():
@@ -268,14 +297,8 @@ def run(args) -> dict:
             results.append({"case": asdict(case), "label": case.label, "impl": name, **row})
             status = row.get("error") or f"{row['fwd_bwd_ms']:.3f} ms fwd+bwd"
             print(f"{case.label:62} {name:28} {status}", flush=True)
-        if case.group == "sweep-BD" and device.type == "cpu" and all("error" not in r for r in results[-2:]):
-            # Whether auto ever loses: eager and auto timed back to back, about 0.5 s of each, the
-            # median of the ratios (separate 7-run medians of 0.3 ms calls drift by 20% here).
-            eager_ms = results[-2]["fwd_bwd_ms"]
-            ratio, _ = common.interleaved_ratio(forward_backward_of(case, impls["best eager"], device),
-                                                forward_backward_of(case, impls["lrc_kernels[auto]"], device),
-                                                repeats=max(args.repeats, min(301, int(500 / eager_ms))))
-            results[-1]["speedup_vs_eager_interleaved"] = ratio
+        if device.type == "cpu":
+            interleave_against_baselines(case, impls, results[-len(impls):], device, args.repeats)
     jobs = [(row["case"], row["impl"]) for row in results if "error" not in row and row["case"]["group"] != "sweep-BD"]
     if device.type == "cpu":
         # A fresh process that pins glibc's mmap threshold before its first allocation: here,
@@ -294,6 +317,25 @@ def run(args) -> dict:
     return {"env": env, "copy_bandwidth_GBps": copy_bw / 1e9, "results": results}
 
 
+def interleave_against_baselines(case: Case, impls: dict, rows: list, device, repeats: int) -> None:
+    """Each lrc_kernels row's speedup over best eager and torch.compile, each pair timed back to
+    back for about 0.5 s of the baseline, the median of the per-round ratios: separate medians
+    drift on a shared machine by more than the margins measured (7-run medians of 0.3 ms calls by
+    20%, of the N = 50,000 bank by 2x)."""
+    by_impl = {row["impl"]: row for row in rows if "error" not in row}
+    for baseline, key in (("best eager", "speedup_vs_eager_interleaved"),
+                          ("torch.compile(best eager)", "speedup_vs_compile_interleaved")):
+        if baseline not in by_impl:
+            continue
+        rounds = max(repeats, min(301, int(500 / by_impl[baseline]["fwd_bwd_ms"])))
+        reference = forward_backward_of(case, impls[baseline], device)
+        for name, row in by_impl.items():
+            if name.startswith("lrc_kernels["):
+                ratio, _ = common.interleaved_ratio(forward_backward_of(case, impls[name], device), reference,
+                                                    repeats=rounds)
+                row[key] = 1.0 / ratio
+
+
 def _cpu_peaks(jobs, with_compile: bool) -> list:
     common.pin_mmap_threshold()
     peaks = []
@@ -308,10 +350,10 @@ def _cpu_peaks(jobs, with_compile: bool) -> list:
 
 def speedups(payload: dict) -> None:
     """Add ratios against best eager and torch.compile, measured in this same run."""
-    by_label = {}
+    by_case = {}  # keyed by group too: a sweep may repeat another group's shape, timed apart
     for r in payload["results"]:
-        by_label.setdefault(r["label"], {})[r["impl"]] = r
-    for group in by_label.values():
+        by_case.setdefault((r["case"]["group"], r["label"]), {})[r["impl"]] = r
+    for group in by_case.values():
         base = group.get("best eager", {}).get("fwd_bwd_ms")
         comp = group.get("torch.compile(best eager)", {}).get("fwd_bwd_ms")
         base_gpu = group.get("best eager", {}).get("fwd_bwd_gpu_ms")
@@ -319,7 +361,7 @@ def speedups(payload: dict) -> None:
         for r in group.values():
             if "fwd_bwd_ms" in r:
                 r["speedup_vs_eager"] = r.get("speedup_vs_eager_interleaved") or (base / r["fwd_bwd_ms"] if base else None)
-                r["speedup_vs_compile"] = comp / r["fwd_bwd_ms"] if comp else None
+                r["speedup_vs_compile"] = r.get("speedup_vs_compile_interleaved") or (comp / r["fwd_bwd_ms"] if comp else None)
             if "fwd_bwd_gpu_ms" in r:
                 r["gpu_speedup_vs_eager"] = base_gpu / r["fwd_bwd_gpu_ms"] if base_gpu else None
                 r["gpu_speedup_vs_compile"] = comp_gpu / r["fwd_bwd_gpu_ms"] if comp_gpu else None
@@ -327,17 +369,19 @@ def speedups(payload: dict) -> None:
 
 def markdown(payload: dict) -> str:
     env = payload["env"]
+    gpu_run = not env["device_slug"].startswith("cpu")
     head = (
         f"Device: **{env['device']}**; torch {env['versions']['torch']}, triton {env['versions']['triton']}; "
         f"commit `{(env['git_commit'] or '?')[:10]}`{' (dirty)' if env['git_dirty'] else ''}; {env['date']}. "
         f"Measured copy bandwidth: {payload['copy_bandwidth_GBps']:.1f} GB/s (read + write). "
-        "Times are medians in ms; speedups are against the same run's best eager and torch.compile; "
+        "Times are medians in ms; speedups are against the same run's best eager and torch.compile"
+        + ("" if gpu_run else " (for lrc_kernels rows, the median ratio of the two timed back to back)") + "; "
         "%BW is the true minimum bytes (the inputs read once, grad(student) written once) / time over the "
         "copy bandwidth; '2-pass %BW' divides what a forward plus a separate backward move instead (not a "
         "floor). 'x floor' is the time over the single-read floor, measured in this run: reading the "
         "inputs' bytes once with a large torch.sum"
-        + ("; on the CPU the median of per-round ratios, the floor timed right before each forward + backward."
-           if payload["env"]["device_slug"].startswith("cpu") else ".")
+        + ("." if gpu_run else "; on the CPU the median of per-round ratios, the floor timed right before each "
+           "forward + backward. The indexed mode draws a new index every call, and its floor reads from DRAM.")
     )
     gpu = any("fwd_bwd_gpu_ms" in r for r in payload["results"])
     if gpu:

@@ -227,11 +227,32 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 28) -> float:
     return 2 * nbytes / seconds
 
 
-def read_floor(device: torch.device, nbytes: int) -> Callable[[], object]:
+def last_level_cache_bytes() -> int:
+    """The CPU's largest cache (sysfs; 32 MiB where it cannot be read)."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        try:
+            sizes.append(int(text.rstrip("KMG")) * scale)
+        except ValueError:
+            pass
+    return max(sizes, default=32 << 20)
+
+
+def read_floor(device: torch.device, nbytes: int, cold: bool = False) -> Callable[[], object]:
     """Reading a buffer of ``nbytes`` once (a large ``torch.sum``): the floor of an op that must
-    read that many bytes."""
-    src = torch.empty(max(nbytes // 4, 1), dtype=torch.float32, device=device).uniform_()
-    return lambda: src.sum()
+    read that many bytes. ``cold``: each call reads the next of several such buffers spanning 3x
+    the last-level cache, so from DRAM, as an op whose inputs are new every call (a CPU option: on
+    the GPU, ``triton.testing.do_bench`` flushes the L2 between calls)."""
+    count = 1
+    if cold and device.type == "cpu":
+        count = max(1, -(-3 * last_level_cache_bytes() // max(nbytes, 1)))
+    numel = max(nbytes // 4, 1)
+    src = torch.empty(count * numel, dtype=torch.float32, device=device).uniform_()
+    windows = src.view(count, numel).unbind(0)
+    calls = iter(range(1 << 62))
+    return lambda: windows[next(calls) % count].sum()
 
 
 
