@@ -163,7 +163,7 @@ inline void group_sums(const acc_t* a, const acc_t* const* x, int rows, int64_t 
 
 template <typename acc_t>
 inline void sweep_sums(const acc_t* a, const acc_t* const* x, int rows, int64_t n, acc_t* dot, acc_t* sq) {
-  switch (kSweepRows > 4 ? rows : 0) {
+  switch (rows) {
     case 8: return dot_and_square_rows<acc_t, 8, 1>(a, x, n, dot, sq);
     case 7: return dot_and_square_rows<acc_t, 7, 1>(a, x, n, dot, sq);
     case 6: return dot_and_square_rows<acc_t, 6, 1>(a, x, n, dot, sq);
