@@ -145,6 +145,7 @@ def test_the_negatives_are_not_kept_for_backward():
 
 
 @pytest.mark.parametrize("case", [("bank", 3, 4, 40_003, "cos_nce", True),
+                                  ("bank", 7, 11, 300, "info_nce", True),  # small rows, sweeps of 8 and 4
                                   ("explicit", 3, 4, 40_003, "info_nce", True),
                                   ("in_batch", 9, 8, 5_003, "cos_nce", True),
                                   ("in_batch", 9, 8, 5_003, "info_nce", False),
