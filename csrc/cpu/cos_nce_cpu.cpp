@@ -965,9 +965,11 @@ std::vector<at::Tensor> one_pass(const at::Tensor& student, const at::Tensor& te
     };
     if (row_bytes <= kRowBudget) {
       // Small rows: a row is one task, its inputs still in L2 for the gradient.
+      // Conversion buffers only where an x is not in acc_t (zeroing 8 unused chunks cost tiny shapes).
+      const bool x_converted = t_rows.dtype != acc || neg.rows.dtype != acc;
       at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> s_buf(kChunk), x_bufs(kSweepRows * kChunk), g(kChunk), sums(1 + 2 * J), total(1 + 2 * J),
-            A(J);
+        std::vector<acc_t> s_buf(kChunk), x_bufs(x_converted ? kSweepRows * kChunk : 0), g(kChunk), sums(1 + 2 * J),
+            total(1 + 2 * J), A(J);
         for (int64_t b = begin; b < end; ++b) {
           std::fill(total.begin(), total.end(), acc_t(0));
           for (int64_t c = 0; c < chunks; ++c) {
