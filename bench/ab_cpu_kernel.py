@@ -106,7 +106,7 @@ def main() -> None:
                 ratios[name].append(times[name][-1] / times["floor (torch.sum)"][-1])
         print(f"{args.loss}, B={batch} K={num_neg} D={dim}" + (f", bank N={args.bank}" if args.bank else "")
               + (", forward only" if args.no_grad else "")
-              + (", the same index every call" if args.bank and args.fixed_index else ", a new index every call" if args.bank else "")
+              + ((", the same index every call" if args.fixed_index else ", a new index every call") if args.bank else "")
               + f"; medians of {args.rounds} interleaved rounds")
         for name in calls:
             line = f"  {name:32} {1e3 * statistics.median(times[name]):8.3f} ms"

@@ -13,11 +13,11 @@ gradient is grad_output_b times its gradient at grad_output = 1, which the forwa
 while the row is in cache (the CPU one-pass path does). %BW divides those true minimum bytes;
 "2-pass %BW" divides what a forward plus a separate backward moves (the inputs twice), which is
 today's algorithm elsewhere, not a floor. "x floor" is the time over the single-read floor,
-min_bytes / read bandwidth, the bandwidth of a large torch.sum over the inputs' bytes. On the CPU the two are timed back to
-back in every round and "x floor" is the median of the ratios, over up to 31 rounds where a
-round is cheap (a shared machine drifts more between separate measurements than the margins
-being measured). The indexed mode draws a new index every call, as a training step does, and
-its floor reads a new buffer every call (from DRAM, not the LLC).
+min_bytes / read bandwidth, the bandwidth of a large torch.sum over the inputs' bytes. On the
+CPU the two are timed back to back in every round and "x floor" is the median of the ratios,
+over up to 31 rounds where a round is cheap (a shared machine drifts more between separate
+measurements than the margins being measured). The indexed mode draws a new index every call,
+as a training step does, and its floor reads a new buffer every call (from DRAM, not the LLC).
 
 On the CPU the speedups of lrc_kernels rows are interleaved too: each implementation and its
 baseline (best eager, torch.compile of it) timed back to back for about 0.5 s of the baseline,
@@ -367,8 +367,10 @@ def speedups(payload: dict) -> None:
         comp_gpu = group.get("torch.compile(best eager)", {}).get("fwd_bwd_gpu_ms")
         for r in group.values():
             if "fwd_bwd_ms" in r:
-                r["speedup_vs_eager"] = r.get("speedup_vs_eager_interleaved") or (base / r["fwd_bwd_ms"] if base else None)
-                r["speedup_vs_compile"] = r.get("speedup_vs_compile_interleaved") or (comp / r["fwd_bwd_ms"] if comp else None)
+                separate_eager = base / r["fwd_bwd_ms"] if base else None
+                separate_compile = comp / r["fwd_bwd_ms"] if comp else None
+                r["speedup_vs_eager"] = r.get("speedup_vs_eager_interleaved") or separate_eager
+                r["speedup_vs_compile"] = r.get("speedup_vs_compile_interleaved") or separate_compile
             if "fwd_bwd_gpu_ms" in r:
                 r["gpu_speedup_vs_eager"] = base_gpu / r["fwd_bwd_gpu_ms"] if base_gpu else None
                 r["gpu_speedup_vs_compile"] = comp_gpu / r["fwd_bwd_gpu_ms"] if comp_gpu else None

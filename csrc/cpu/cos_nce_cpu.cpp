@@ -979,7 +979,8 @@ std::vector<at::Tensor> one_pass(const at::Tensor& student, const at::Tensor& te
           acc_t sigma;
           finish(b, total.data(), A.data(), sigma);
           if (need_grad) {
-            for (int64_t c = 0; c < chunks; ++c) chunk_grad(b, c, A.data(), sigma, s_buf.data(), x_bufs.data(), g.data());
+            for (int64_t c = 0; c < chunks; ++c)
+              chunk_grad(b, c, A.data(), sigma, s_buf.data(), x_bufs.data(), g.data());
             g_gradient_rows.fetch_add(1, std::memory_order_relaxed);
           }
         }
