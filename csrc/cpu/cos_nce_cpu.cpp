@@ -151,24 +151,18 @@ constexpr int kSweepRows = 8;
 constexpr int kSweepRows = 4;
 #endif
 
+// Sums of up to 8 rows in one sweep over a (callers pass at most kGroup or kSweepRows rows).
 template <typename acc_t>
 inline void group_sums(const acc_t* a, const acc_t* const* x, int rows, int64_t n, acc_t* dot, acc_t* sq) {
-  switch (rows) {
-    case 4: return dot_and_square_rows<acc_t, 4, 1>(a, x, n, dot, sq);
-    case 3: return dot_and_square_rows<acc_t, 3, 1>(a, x, n, dot, sq);
-    case 2: return dot_and_square_rows<acc_t, 2, 2>(a, x, n, dot, sq);
-    default: return dot_and_square_rows<acc_t, 1, 4>(a, x, n, dot, sq);
-  }
-}
-
-template <typename acc_t>
-inline void sweep_sums(const acc_t* a, const acc_t* const* x, int rows, int64_t n, acc_t* dot, acc_t* sq) {
   switch (rows) {
     case 8: return dot_and_square_rows<acc_t, 8, 1>(a, x, n, dot, sq);
     case 7: return dot_and_square_rows<acc_t, 7, 1>(a, x, n, dot, sq);
     case 6: return dot_and_square_rows<acc_t, 6, 1>(a, x, n, dot, sq);
     case 5: return dot_and_square_rows<acc_t, 5, 1>(a, x, n, dot, sq);
-    default: return group_sums<acc_t>(a, x, rows, n, dot, sq);
+    case 4: return dot_and_square_rows<acc_t, 4, 1>(a, x, n, dot, sq);
+    case 3: return dot_and_square_rows<acc_t, 3, 1>(a, x, n, dot, sq);
+    case 2: return dot_and_square_rows<acc_t, 2, 2>(a, x, n, dot, sq);
+    default: return dot_and_square_rows<acc_t, 1, 4>(a, x, n, dot, sq);
   }
 }
 
@@ -940,7 +934,7 @@ std::vector<at::Tensor> one_pass(const at::Tensor& student, const at::Tensor& te
       const acc_t* xs[kSweepRows];
       for (int64_t j0 = 0; j0 < J; j0 += kSweepRows) {
         const int rows = load_rows(b, c, j0, x_bufs, xs);
-        sweep_sums<acc_t>(s, xs, rows, n, sums + 1 + j0, sums + 1 + J + j0);
+        group_sums<acc_t>(s, xs, rows, n, sums + 1 + j0, sums + 1 + J + j0);
       }
     };
     // G's chunk c of row b = sigma s + sum_j A_j x_j.
