@@ -16,6 +16,7 @@
 
 #include "../common/negative_mode.h"
 #include <torch/extension.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <ATen/Parallel.h>
 #include <c10/core/impl/alloc_cpu.h>
 
@@ -1142,6 +1143,73 @@ std::tuple<at::Tensor, at::Tensor, bool> one_pass_reduced(const at::Tensor& stud
   return {mean ? rows.mean() : rows.sum(), out[1], finite};
 }
 
+// The eager one pass of a mean or a sum when the student's gradient is wanted: one_pass_reduced
+// as a C++ autograd node. After the kernel's sweep has evicted the interpreter, each line of
+// Python costs cache misses: a torch.autograd.Function's forward and backward cost 0.11-0.14 ms
+// a call more than this node (2 threads, interleaved cold calls). The backward hands on the saved
+// G when the incoming gradient is the 1 the forward folded in (loss.backward()), else scales it in
+// place (a second backward through a retained graph then fails on the saved tensor's version);
+// a small G is scaled into a new buffer.
+constexpr const char* kDoubleBackwardMessage =
+    "lrc_kernels: the fused backends do not support double backward (differentiate twice); "
+    "use backend='torch' for higher-order gradients";
+constexpr int64_t kSmallGradient = 1 << 14;  // elements (as _SMALL_GRADIENT in lrc_kernels/ops/native.py)
+
+struct OnePassReducedFunction : public torch::autograd::Function<OnePassReducedFunction> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& student,
+                                                const at::Tensor& teacher, const std::optional<at::Tensor>& negatives,
+                                                const std::optional<at::Tensor>& index, int64_t mode, bool info_nce,
+                                                double eps, double temperature, bool mean, bool* finite) {
+    auto [loss, grad, all_finite] =
+        one_pass_reduced(student, teacher, negatives, index, mode, info_nce, eps, temperature, true, mean);
+    *finite = all_finite;
+    ctx->save_for_backward({grad, student});  // the student only for the double-backward guard
+    ctx->set_materialize_grads(false);
+    return {loss};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    torch::autograd::variable_list out(10);  // one per argument of forward
+    const at::Tensor& grad_loss = grads[0];
+    if (!grad_loss.defined()) return out;
+    const bool differentiable = torch::autograd::GradMode::is_enabled();
+    auto saved = ctx->get_saved_variables();
+    at::Tensor grad = saved[0];
+    {
+      at::NoGradGuard no_grad;
+      const at::Tensor factor = grad_loss.to(grad.scalar_type());
+      if (grad.numel() <= kSmallGradient)  // a new buffer: cheaper than the check, the saved G intact
+        grad = grad * factor;
+      else if (grad_loss.item<double>() != 1.0)
+        grad = grad.mul_(factor);
+    }
+    if (differentiable) {
+      // create_graph=True: the gradient hangs off an error node whose inputs are it and every
+      // tensor it was computed from that requires grad, so differentiating it raises instead of
+      // reporting a silent zero (lrc_kernels/ops/_autograd.py does the same for Python backends).
+      torch::autograd::variable_list inputs{grad.detach().requires_grad_()};
+      if (saved[1].requires_grad()) inputs.push_back(saved[1]);
+      if (grad_loss.requires_grad()) inputs.push_back(grad_loss);
+      const auto count = static_cast<int64_t>(inputs.size());
+      grad = torch::autograd::DelayedError(kDoubleBackwardMessage, count).apply(std::move(inputs))[0];
+    }
+    out[0] = grad;
+    return out;
+  }
+};
+
+// (loss, whether every norm is finite) with the student's gradient wanted, through the node above.
+std::tuple<at::Tensor, bool> one_pass_reduced_with_grad(const at::Tensor& student, const at::Tensor& teacher,
+                                                        const std::optional<at::Tensor>& negatives,
+                                                        const std::optional<at::Tensor>& index, int64_t mode,
+                                                        bool info_nce, double eps, double temperature, bool mean) {
+  bool finite = true;
+  auto out = OnePassReducedFunction::apply(student, teacher, negatives, index, mode, info_nce, eps, temperature,
+                                           mean, &finite);
+  return {out[0], finite};
+}
+
 int64_t gradient_rows_computed() { return g_gradient_rows.load(); }
 int64_t cache_held_bytes() { return static_cast<int64_t>(GradientCache::instance().held()); }
 void empty_cache() { GradientCache::instance().clear(); }
@@ -1159,6 +1227,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("row_combine", &row_combine);
   m.def("one_pass", &one_pass);
   m.def("one_pass_reduced", &one_pass_reduced);
+  m.def("one_pass_reduced_with_grad", &one_pass_reduced_with_grad);
   m.def("gradient_rows_computed", &gradient_rows_computed);
   m.def("cache_held_bytes", &cache_held_bytes);
   m.def("empty_cache", &empty_cache);

@@ -7,7 +7,7 @@ import functools
 import torch
 from torch._C import _functions
 
-DOUBLE_BACKWARD_MESSAGE = (
+DOUBLE_BACKWARD_MESSAGE = (  # its twin for the CPU C++ node: kDoubleBackwardMessage in csrc/cpu
     b"lrc_kernels: the fused backends do not support double backward (differentiate twice); "
     b"use backend='torch' for higher-order gradients"
 )

@@ -244,7 +244,7 @@ def _one_pass_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero-filled [B, D] gradient for the G output
 
 
-_SMALL_GRADIENT = 1 << 14  # elements: below this, scaling costs less than checking whether to scale
+_SMALL_GRADIENT = 1 << 14  # elements: below this, scaling costs less than checking (kSmallGradient in csrc/cpu)
 
 
 def _scaled_saved_gradient(ctx, grad_rows, row_grad=None):
@@ -256,7 +256,7 @@ def _scaled_saved_gradient(ctx, grad_rows, row_grad=None):
     place, with no second [B, D] buffer; a second backward through a retained graph then fails clearly
     (autograd sees the saved tensor modified) instead of reading a scaled G. ``row_grad`` None:
     no check (compiled graphs, where a data-dependent branch would break the graph). A 0-dim
-    ``grad_rows`` is the gradient of a reduced loss (``_OnePassReduced``), whose G expects 1.
+    ``grad_rows`` is the gradient of a reduced loss (``OnePassReducedFunction`` in csrc/cpu, for its Python twin), whose G expects 1.
     """
     grad, _ = ctx.saved_tensors
     if row_grad is None:
@@ -302,37 +302,22 @@ class _OnePass(torch.autograd.Function):
         return (_scaled_saved_gradient(ctx, grad_rows, ctx.row_grad),) + (None,) * 9
 
 
-class _OnePassReduced(torch.autograd.Function):
-    """The eager CPU one pass of a mean or a sum, reduced in the kernel's call: one autograd node
-    and no per-row tensors in Python (``one_pass_reduced`` in csrc/cpu). Returns (loss, whether
-    every norm is finite); G is pre-scaled for the reduction, so ``loss.backward()`` is free."""
-
-    @staticmethod
-    def forward(ctx, student, teacher, negatives, neg_index, mode, info_nce, eps, temperature, need_grad, mean):
-        # Absent negatives or index pass as None (no placeholder tensors: every op counts here).
-        loss, grad, finite = extension_for(student.device).one_pass_reduced(
-            student, teacher, negatives, neg_index, mode, info_nce, eps, temperature, need_grad, mean)
-        ctx.save_for_backward(grad, student)
-        ctx.set_materialize_grads(False)
-        return loss, finite
-
-    @staticmethod
-    @single_backward
-    def backward(ctx, grad_loss, unused_grad):
-        return (_scaled_saved_gradient(ctx, grad_loss, 1.0),) + (None,) * 9
-
-
 def reduced_loss(problem: ContrastiveProblem) -> Optional[Tensor]:
     """The mean or sum of the rows in one kernel call (eager CPU calls where the one pass applies),
     or None: then ``row_losses`` and a reduction in torch, which also handle non-finite norms."""
     if torch.compiler.is_compiling() or not _one_pass_applies(problem):
         return None
     # No autocast guard: the extension is called directly, not through the dispatcher.
-    need_grad = torch.is_grad_enabled() and problem.student.requires_grad
+    extension = extension_for(problem.device)
     index = problem.neg_index.contiguous() if problem.mode.indexed else None
-    loss, finite = _OnePassReduced.apply(problem.student, problem.teacher, problem.negatives, index,
-                                         int(problem.mode), problem.loss == "info_nce", problem.eps,
-                                         problem.temperature, need_grad, problem.reduction == "mean")
+    arguments = (problem.student, problem.teacher, problem.negatives, index, int(problem.mode),
+                 problem.loss == "info_nce", problem.eps, problem.temperature)
+    if torch.is_grad_enabled() and problem.student.requires_grad:
+        # One C++ autograd node (OnePassReducedFunction in csrc/cpu): G pre-scaled for the
+        # reduction, so loss.backward() hands it on; a Python Function cost 0.11-0.14 ms more here.
+        loss, finite = extension.one_pass_reduced_with_grad(*arguments, problem.reduction == "mean")
+    else:
+        loss, _, finite = extension.one_pass_reduced(*arguments, False, problem.reduction == "mean")
     return loss if finite else None
 
 
