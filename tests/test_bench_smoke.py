@@ -61,3 +61,17 @@ def test_kernel_ab_script_builds_a_source_and_times_it_against_the_floor(tmp_pat
     missing = subprocess.run([sys.executable, str(script), str(tmp_path / "missing.cpp")],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "no such kernel source" in missing.stderr
+
+
+def test_floor_breakdown_reports_each_part_against_the_floor(capsys):
+    import floor_breakdown
+
+    floor_breakdown.main(["--shape", "3,2,70", "--rounds", "2", "--runs", "2", "--loss", "info_nce"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("info_nce, B=3 K=2 D=70") and lines[1].startswith("run | floor ms")
+    rows = [[float(v) for v in line.split(" | ")] for line in lines[2:]]
+    assert [row[0] for row in rows] == [1, 2]
+    assert all(len(row) == 6 and min(row[1:5]) > 0 for row in rows)  # floor ms, then three x floor
+    with pytest.raises(SystemExit) as bad:
+        floor_breakdown.main(["--shape", "3,2"])
+    assert bad.value.code == 2 and "--shape must be B,K,D" in capsys.readouterr().err
