@@ -189,6 +189,15 @@ def test_the_usual_backward_returns_the_forwards_gradient_without_a_pass():
         assert gradient_error(grad, s64.grad, s, s[0].numel(), 1e-8) < TOLERANCE[torch.float32]
 
 
+def test_the_cpp_node_shares_the_python_backends_constants():
+    """OnePassReducedFunction (C++) repeats two constants of the Python backward: the same
+    double-backward message (tests match on it for every backend) and the same small-G threshold."""
+    from lrc_kernels.ops import _autograd, native
+
+    assert extension().DOUBLE_BACKWARD_MESSAGE == _autograd.DOUBLE_BACKWARD_MESSAGE.decode()
+    assert extension().SMALL_GRADIENT == native._SMALL_GRADIENT
+
+
 def test_other_upstream_gradients_are_scaled_exactly():
     for loss_name, scale in (("cos_nce", 2.5), ("info_nce", -0.3)):
         s, t, n, _ = student_only("explicit", 5, 3, 4099 * 40)  # large rows: the G built in the forward

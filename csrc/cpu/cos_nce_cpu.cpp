@@ -1178,11 +1178,10 @@ struct OnePassReducedFunction : public torch::autograd::Function<OnePassReducedF
     at::Tensor grad = saved[0];
     {
       at::NoGradGuard no_grad;
-      const at::Tensor factor = grad_loss.to(grad.scalar_type());
       if (grad.numel() <= kSmallGradient)  // a new buffer: cheaper than the check, the saved G intact
-        grad = grad * factor;
+        grad = grad * grad_loss.to(grad.scalar_type());
       else if (grad_loss.item<double>() != 1.0)
-        grad = grad.mul_(factor);
+        grad = grad.mul_(grad_loss.to(grad.scalar_type()));
     }
     if (differentiable) {
       // create_graph=True: the gradient hangs off an error node whose inputs are it and every
@@ -1228,6 +1227,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("one_pass", &one_pass);
   m.def("one_pass_reduced", &one_pass_reduced);
   m.def("one_pass_reduced_with_grad", &one_pass_reduced_with_grad);
+  // The node's twins of Python constants, exported so that a test holds them equal.
+  m.attr("DOUBLE_BACKWARD_MESSAGE") = kDoubleBackwardMessage;
+  m.attr("SMALL_GRADIENT") = kSmallGradient;
   m.def("gradient_rows_computed", &gradient_rows_computed);
   m.def("cache_held_bytes", &cache_held_bytes);
   m.def("empty_cache", &empty_cache);

@@ -248,26 +248,23 @@ _SMALL_GRADIENT = 1 << 14  # elements: below this, scaling costs less than check
 
 
 def _scaled_saved_gradient(ctx, grad_rows, row_grad=None):
-    """The saved G, already ``row_grad`` times d loss_b / d s_b, scaled to ``grad_rows``.
+    """The saved G, already ``row_grad`` times d loss_b / d s_b, scaled to the rows' ``grad_rows`` [B].
 
     When every row receives ``row_grad`` (``loss.backward()`` after a mean or a sum: the forward
     folded it in), G is returned as it is: no pass over [B, D]. A small G is scaled into a new
     buffer without the check (which costs more than the scale there). Otherwise it is scaled in
-    place, with no second [B, D] buffer; a second backward through a retained graph then fails clearly
-    (autograd sees the saved tensor modified) instead of reading a scaled G. ``row_grad`` None:
-    no check (compiled graphs, where a data-dependent branch would break the graph). A 0-dim
-    ``grad_rows`` is the gradient of a reduced loss (``OnePassReducedFunction`` in csrc/cpu, for its Python twin), whose G expects 1.
+    place, with no second [B, D] buffer; a second backward through a retained graph then fails
+    clearly (autograd sees the saved tensor modified) instead of reading a scaled G. ``row_grad``
+    None: no check (compiled graphs, where a data-dependent branch would break the graph). The
+    reduced CPU loss does the same in C++ (OnePassReducedFunction in csrc/cpu).
     """
     grad, _ = ctx.saved_tensors
     if row_grad is None:
         return grad.mul_(grad_rows.to(grad.dtype)[:, None])
     small = grad.numel() <= _SMALL_GRADIENT  # then a new buffer: the saved G stays as it was
-    if not small:  # a 0-dim gradient is one read (the backward runs cold after the kernel)
-        expected = grad_rows.item() == row_grad if grad_rows.dim() == 0 else bool((grad_rows == row_grad).all())
-        if expected:
-            return grad
-    factor = (grad_rows / row_grad).to(grad.dtype)
-    factor = factor[:, None] if factor.dim() else factor
+    if not small and bool((grad_rows == row_grad).all()):
+        return grad
+    factor = (grad_rows / row_grad).to(grad.dtype)[:, None]
     return grad * factor if small else grad.mul_(factor)
 
 
