@@ -193,10 +193,13 @@ inline void group_sums(const acc_t* a, const acc_t* const* x, int rows, int64_t 
 template <typename acc_t, int R>
 inline void accumulate_rows(bool first, acc_t rescale, const acc_t* coef, const acc_t* const* x, int64_t n, acc_t* u) {
   const acc_t r0 = first ? acc_t(0) : rescale;
+  acc_t c[R];  // local copies: u might alias coef, and GCC then loaded every coef each step
+  const acc_t* xr[R];
+  for (int r = 0; r < R; ++r) c[r] = coef[r], xr[r] = x[r];
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     acc_t v = first ? acc_t(0) : u[i] * r0;
-    for (int r = 0; r < R; ++r) v += coef[r] * x[r][i];
+    for (int r = 0; r < R; ++r) v += c[r] * xr[r][i];
     u[i] = v;
   }
 }
