@@ -3,6 +3,7 @@ accumulation, mixed precision, the teacher cache and memory-bank negatives."""
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import shutil
@@ -119,6 +120,9 @@ def _spawn(fn, world: int, *args):
 
 
 def _as_rank(rank: int, world: int, port: int) -> None:
+    # A rank still alive near the deadline prints every thread's stack and exits, so a rare hang
+    # (seen once at exit, after the run's last collective) fails with where it stood.
+    faulthandler.dump_traceback_later(SPAWN_DEADLINE_S - 30, exit=True)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LRC_BERT_DIST_TIMEOUT_S="120")
 
