@@ -92,13 +92,20 @@ inline void combine(acc_t a, const acc_t* x, acc_t c, const acc_t* y, acc_t e, c
   for (int64_t i = 0; i < n; ++i) out[i] = a * x[i] + c * y[i] + (v ? e * v[i] : acc_t(0));
 }
 
-// Full-width vectors: 512-bit where AVX-512 has the registers for them. One load per cache line,
-// so the same out-of-order window keeps twice the lines in flight (the forward at the paper's
-// shape: 0.79x the sum's time against 0.89x with 256-bit vectors).
+// What AVX-512's 32 vector registers allow, else AVX2's 16:
+// * kVectorBytes: full-width vectors. One load per cache line, so the same out-of-order window
+//   keeps twice the lines in flight (the forward at the paper's shape: 0.79x the sum's time
+//   against 0.89x with 256-bit vectors).
+// * kSweepRows: rows of one sweep in the small-row schedule. Gathered bank rows are a few KiB at
+//   random addresses, each a TLB miss and a cold stream for the hardware prefetcher; sweeping 8
+//   at once keeps 8 of them in flight (N = 50,000, B = K = 64, D = 768, a new index per call: 4
+//   rows at once took 0.65x the time of 1, 8 rows 0.8x that of 4; software prefetch, 2 to 16
+//   rows ahead, changed nothing: those prefetches wait on the same page walks). 8 rows need 16
+//   accumulators plus 2.
 #ifdef __AVX512F__
-constexpr int kVectorBytes = 64;
+constexpr int kVectorBytes = 64, kSweepRows = 8;
 #else
-constexpr int kVectorBytes = 32;
+constexpr int kVectorBytes = 32, kSweepRows = 4;
 #endif
 
 // An empty asm that takes v in a vector register: GCC 12 otherwise loads a and each x_r again
@@ -162,17 +169,6 @@ inline void axpy(acc_t alpha, const acc_t* x, int64_t n, acc_t* y) {
 }
 
 constexpr int kGroup = 4;  // rows of one sweep over the student (and of one update of U)
-// Rows of one sweep in the small-row schedule. Gathered bank rows are a few KiB at random
-// addresses, each a TLB miss and a cold stream for the hardware prefetcher; sweeping 8 at once
-// keeps 8 of them in flight (N = 50,000, B = K = 64, D = 768, a new index per call: 4 rows at
-// once took 0.65x the time of 1, 8 rows 0.8x that of 4; software prefetch, 2 to 16 rows ahead,
-// changed nothing: those prefetches wait on the same page walks). 8 rows need 16 accumulators
-// plus 2: AVX-512's 32 vector registers, else 4.
-#ifdef __AVX512F__
-constexpr int kSweepRows = 8;
-#else
-constexpr int kSweepRows = 4;
-#endif
 
 // Sums of up to 8 rows in one sweep over a (callers pass at most kGroup or kSweepRows rows).
 template <typename acc_t>
