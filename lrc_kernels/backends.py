@@ -3,7 +3,9 @@
 A backend is a module with a function ``row_losses(problem) -> Tensor[B]`` (fp32, or
 fp64 for fp64 inputs) that is differentiable with respect to the problem's tensors, and
 optionally ``reduced_loss(problem)``: the mean or sum of the rows where it has a fused path
-for that problem, else None. New backends (for example a native CUDA kernel) register
+for that problem, else None, and ``eager_reduced_loss(loss, *arguments)``: the same before any
+Python validation (it checks what it needs itself), else None; eager CPU calls only, once the
+backend has been resolved for the CPU (see :func:`eager_fast_path`). New backends (for example a native CUDA kernel) register
 here; nothing in the public API changes.
 
 The resolution code is written so that ``torch.compile(fullgraph=True)`` can trace it:
@@ -50,6 +52,7 @@ class Backend:
             return reduce_rows(row_losses(problem), problem.reduction)
 
         loss.backend = self.name
+        loss.eager_reduced_loss = getattr(module, "eager_reduced_loss", None)
         return loss
 
 
@@ -102,6 +105,7 @@ _FAILED: dict[str, str] = {}  # backends whose build/load failed: auto skips the
 _AVAILABLE: dict[str, bool] = {}  # probes touch the file system: once per process, not per call
 _AUTO_CHOICE: dict[str, Callable] = {}  # device type -> what "auto" loaded (eager calls; small shapes pay per call)
 _LOADED: dict[str, Callable] = {}  # backend name -> its loaded loss function (eager calls)
+_EAGER_CPU: dict[str, Callable] = {}  # backend= value -> the eager fast path it resolved to on CPU
 
 
 def register_backend(backend: Backend) -> None:
@@ -110,6 +114,7 @@ def register_backend(backend: Backend) -> None:
     _AVAILABLE.pop(backend.name, None)
     _AUTO_CHOICE.clear()
     _LOADED.pop(backend.name, None)
+    _EAGER_CPU.clear()
 
 
 register_backend(Backend("torch", _load_reference, ("cpu", "cuda", "mps", "xpu"),
@@ -150,9 +155,23 @@ def available_backends(device_type: str = "cpu") -> list[str]:
             if device_type in b.device_types and b.name not in _FAILED and _is_available(b.name)]
 
 
+def eager_fast_path(name: str) -> Callable | None:
+    """The ``eager_reduced_loss`` of what ``backend=name`` resolved to on the CPU, once it has
+    (eager calls); None before, and for backends without one."""
+    return _EAGER_CPU.get(name)
+
+
 def resolve(name: str, device: torch.device) -> Callable[[ContrastiveProblem], torch.Tensor]:
     """The loss function of the named backend, or of the fastest available one for ``auto``.
     ``name`` was checked by :func:`check_backend_name` (once per call, in ``functional.py``)."""
+    loaded = _resolve(name, device)
+    fast = getattr(loaded, "eager_reduced_loss", None)
+    if fast is not None and device.type == "cpu" and not torch.compiler.is_compiling():
+        _EAGER_CPU[name] = fast
+    return loaded
+
+
+def _resolve(name: str, device: torch.device) -> Callable[[ContrastiveProblem], torch.Tensor]:
     compiling = torch.compiler.is_compiling()
     if name == "auto" and not compiling and device.type in _AUTO_CHOICE:
         return _AUTO_CHOICE[device.type]

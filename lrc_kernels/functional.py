@@ -32,6 +32,11 @@ from ._validation import check_options, prepare_problem
 
 
 def _contrastive_loss(loss, student, teacher, negatives, neg_index, reduction, eps, temperature, backend):
+    fast = None if torch.compiler.is_compiling() else backends.eager_fast_path(backend)
+    if fast is not None:  # checks its arguments itself; None where they need the path below
+        reduced = fast(loss, student, teacher, negatives, neg_index, reduction, eps, temperature)
+        if reduced is not None:
+            return reduced
     eps, temperature = check_options(reduction, eps, temperature)
     backends.check_backend_name(backend)
     problem = prepare_problem(

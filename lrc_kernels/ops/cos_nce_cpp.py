@@ -38,3 +38,22 @@ def reduced_loss(problem: ContrastiveProblem) -> torch.Tensor | None:
     """The mean or sum in one kernel call where the CPU one pass applies (eager), else None."""
     _check_cpu(problem)
     return native.reduced_loss(problem)
+
+
+def eager_reduced_loss(loss, student, teacher, negatives, neg_index, reduction, eps, temperature):
+    """The eager fast path of ``functional``'s losses on CPU (never called while compiling), or
+    None to take the usual path.
+
+    A mean or a sum of plain tensors, with float options, goes straight to the extension, which
+    checks what the one pass needs (``eager_reduced_loss`` in csrc/cpu/cos_nce_cpu.cpp) and
+    declines whatever fails; the usual path then raises its error by name, or falls back. The
+    same kernel and bits either way; what this saves is the cold Python of that path.
+    """
+    if (reduction not in ("mean", "sum") or type(eps) is not float or type(temperature) is not float
+            or type(student) is not torch.Tensor or type(teacher) is not torch.Tensor
+            or not (negatives is None or type(negatives) is torch.Tensor)
+            or not (neg_index is None or type(neg_index) is torch.Tensor)):  # a subclass keeps its __torch_function__
+        return None
+    return _build.cpu_extension().eager_reduced_loss(student, teacher, negatives, neg_index, loss == "info_nce",
+                                                     reduction == "mean", eps, temperature)
+
