@@ -5,8 +5,8 @@ fp64 for fp64 inputs) that is differentiable with respect to the problem's tenso
 optionally ``reduced_loss(problem)``: the mean or sum of the rows where it has a fused path
 for that problem, else None, and ``eager_reduced_loss(loss, *arguments)``: the same before any
 Python validation (it checks what it needs itself), else None; eager CPU calls only, once the
-backend has been resolved for the CPU (see :func:`eager_fast_path`). New backends (for example a native CUDA kernel) register
-here; nothing in the public API changes.
+backend has been resolved for the CPU (see :func:`eager_fast_path`). New backends (for example
+a native CUDA kernel) register here; nothing in the public API changes.
 
 The resolution code is written so that ``torch.compile(fullgraph=True)`` can trace it:
 modules are imported by plain ``import`` statements inside loader functions, and the
@@ -158,7 +158,7 @@ def available_backends(device_type: str = "cpu") -> list[str]:
 def eager_fast_path(name: str) -> Callable | None:
     """The ``eager_reduced_loss`` of what ``backend=name`` resolved to on the CPU, once it has
     (eager calls); None before, and for backends without one."""
-    return _EAGER_CPU.get(name)
+    return _EAGER_CPU.get(name) if isinstance(name, str) else None  # a wrong name: the usual error
 
 
 def resolve(name: str, device: torch.device) -> Callable[[ContrastiveProblem], torch.Tensor]:

@@ -126,6 +126,14 @@ def test_fast_path_declines_bad_arguments_and_the_usual_error_follows(fast_calls
     assert fast_calls == [None] * len(fast_calls)  # declined (or not consulted) before the error
 
 
+@pytest.mark.parametrize("backend", [["cpp"], "cpu", None], ids=str)
+def test_a_wrong_backend_name_gets_the_usual_error_after_the_fast_path_registered(fast_calls, backend):
+    s, t, n, _ = student_only("explicit", 3, 2, 8)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        lk.cos_nce_loss(s, t, n, backend=backend)
+    assert fast_calls == []
+
+
 def test_fast_path_declines_what_needs_the_usual_path(fast_calls, monkeypatch):
     """A copy (rows not one unit-stride run, an int32 index), a teacher gradient, inference
     tensors beside a student that requires grad, an integer option, a subclass, and non-finite
