@@ -996,7 +996,9 @@ std::vector<at::Tensor> one_pass(const at::Tensor& student, const at::Tensor& te
         xs[r] = load<acc_t>(x_row(b, j0 + r) + d0 * x_src(j0 + r).elem, x_src(j0 + r).dtype, n, x_bufs + r * kChunk);
       return rows;
     };
-    const bool x_in_place = t_rows.dtype == acc && neg.rows.dtype == acc;  // swept where they are: prefetched
+    // The x rows are swept where they are (not converted): then prefetched, to their row's end.
+    const bool x_in_place = t_rows.dtype == acc && neg.rows.dtype == acc;
+    auto prefetch_within = [&](int64_t c) { return x_in_place ? D - c * kChunk : int64_t(0); };
     // Sums of one chunk of row b into sums[0] = |s|^2, sums[1 + j] = s.x_j, sums[1 + J + j] = |x_j|^2.
     auto chunk_sums = [&](int64_t b, int64_t c, acc_t* sums, acc_t* s_buf, acc_t* x_bufs) {
       const int64_t d0 = c * kChunk, n = std::min(kChunk, D - d0);
@@ -1007,7 +1009,7 @@ std::vector<at::Tensor> one_pass(const at::Tensor& student, const at::Tensor& te
       const acc_t* xs[kSweepRows];
       for (int64_t j0 = 0; j0 < J; j0 += kSweepRows) {
         const int rows = load_rows(b, c, j0, x_bufs, xs);
-        group_sums<acc_t>(s, xs, rows, n, sums + 1 + j0, sums + 1 + J + j0, x_in_place ? D - d0 : 0);
+        group_sums<acc_t>(s, xs, rows, n, sums + 1 + j0, sums + 1 + J + j0, prefetch_within(c));
       }
     };
     // G's chunk c of row b = sigma s + sum_j A_j x_j.
@@ -1033,9 +1035,8 @@ std::vector<at::Tensor> one_pass(const at::Tensor& student, const at::Tensor& te
     if (row_bytes <= kRowBudget) {
       // Small rows: a row is one task, its inputs still in L2 for the gradient.
       // Conversion buffers only where an x is not in acc_t (zeroing 8 unused chunks cost tiny shapes).
-      const bool x_converted = t_rows.dtype != acc || neg.rows.dtype != acc;
       at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> s_buf(kChunk), x_bufs(x_converted ? kSweepRows * kChunk : 0), g(kChunk), sums(1 + 2 * J),
+        std::vector<acc_t> s_buf(kChunk), x_bufs(x_in_place ? 0 : kSweepRows * kChunk), g(kChunk), sums(1 + 2 * J),
             total(1 + 2 * J), A(J);
         for (int64_t b = begin; b < end; ++b) {
           std::fill(total.begin(), total.end(), acc_t(0));
@@ -1072,9 +1073,6 @@ std::vector<at::Tensor> one_pass(const at::Tensor& student, const at::Tensor& te
         }
         return n;
       };
-      // The rest of a row from chunk ch on, where the rows are swept in place (not converted).
-      const bool rows_in_place = t_rows.dtype == acc && neg.rows.dtype == acc;
-      auto prefetch_within = [&](int64_t ch) { return rows_in_place ? D - ch * kChunk : int64_t(0); };
       auto load_student = [&](int64_t b, int64_t ch, acc_t* s_buf) {
         const int64_t d0 = ch * kChunk;
         return load<acc_t>(s_rows.row(b) + d0 * s_rows.elem, s_rows.dtype, std::min(kChunk, D - d0), s_buf);
@@ -1111,12 +1109,11 @@ std::vector<at::Tensor> one_pass(const at::Tensor& student, const at::Tensor& te
           // U lives in G's row when G is in acc_t (no scratch row: the peak stays G's size): in
           // this thread's last row, so that the other rows are written once, streamed, and only
           // that row's lines are read from DRAM for ownership (0.97x the time at the paper's shape).
-          const bool u_in_grad = grad_in_acc;
           std::vector<acc_t> s_buf(kChunk), x_bufs(kGroup * kChunk), g_buf(kChunk), c(J);
-          std::vector<acc_t> scratch(need_grad && !u_in_grad ? D : 0);
+          std::vector<acc_t> scratch(need_grad && !grad_in_acc ? D : 0);
           const acc_t* xs[kGroup];
           for (int64_t b = begin; b < end; ++b) {
-            acc_t* u = u_in_grad ? grad.data_ptr<acc_t>() + (end - 1) * D : scratch.data();
+            acc_t* u = grad_in_acc ? grad.data_ptr<acc_t>() + (end - 1) * D : scratch.data();
             acc_t ss = 0, pos_dot = 0, pos_sq = 0;
             OnlineRow<acc_t> row{info_nce, e, inv_t, 0, K, c.data(), pnx + b * J};
             for (int64_t g = 0; g < groups; ++g) {
