@@ -4,6 +4,7 @@ accumulation, mixed precision, the teacher cache and memory-bank negatives."""
 from __future__ import annotations
 
 import faulthandler
+import gc
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ import torch.multiprocessing as mp  # noqa: E402
 from lrc_bert import runs  # noqa: E402
 from lrc_bert.config import build_config  # noqa: E402
 from lrc_bert.distill import DistillMethod  # noqa: E402
-from lrc_bert.runtime import Runtime, dist_timeout, init_runtime, shutdown  # noqa: E402
+from lrc_bert.runtime import Runtime, dist_timeout, run_with_runtime  # noqa: E402
 from lrc_bert.tasks import get_task  # noqa: E402
 from lrc_bert.teacher_cache import TeacherCache  # noqa: E402
 from trainer_fixtures import build_teacher, tiny_distill_settings  # noqa: E402
@@ -105,32 +106,32 @@ def assert_close_tensors(got: dict, expected: dict, rtol: float) -> None:
 SPAWN_DEADLINE_S = 300  # the whole spawned run; a healthy one takes under 30 s here
 
 
-def _spawn(fn, world: int, *args):
+def _spawn(fn, world: int, *args, deadline_s: float = SPAWN_DEADLINE_S):
     """Run ``fn`` on ``world`` ranks; a rank that dies or a run that hangs fails the test
-    within SPAWN_DEADLINE_S instead of stalling CI in a collective."""
+    within ``deadline_s`` instead of stalling CI in a collective."""
     port = _free_port()
     context = mp.start_processes(fn, args=(world, port, *args), nprocs=world, start_method="spawn", join=False)
-    deadline = time.monotonic() + SPAWN_DEADLINE_S
+    deadline = time.monotonic() + deadline_s
     while not context.join(timeout=5):  # raises ProcessRaisedException / ProcessExitedException
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
-            pytest.fail(f"{fn.__name__}: {world} ranks still running after {SPAWN_DEADLINE_S} s "
+            pytest.fail(f"{fn.__name__}: {world} ranks still running after {deadline_s} s "
                         f"(exit codes {[p.exitcode for p in context.processes]})")
 
 
-def _as_rank(rank: int, world: int, port: int) -> None:
-    # A rank still alive near the deadline prints every thread's stack and exits, so a rare hang
-    # (seen once at exit, after the run's last collective) fails with where it stood.
-    faulthandler.dump_traceback_later(SPAWN_DEADLINE_S - 30, exit=True)
+def _as_rank(rank: int, world: int, port: int, deadline_s: float = SPAWN_DEADLINE_S) -> None:
+    # A rank still alive near the deadline prints every thread's stack and exits, so a hang
+    # fails with where it stood.
+    faulthandler.dump_traceback_later(deadline_s - 30, exit=True)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LRC_BERT_DIST_TIMEOUT_S="120")
 
 
 def _global_negatives_worker(rank, world, port, settings, batch, out):
     _as_rank(rank, world, port)
-    runtime = init_runtime("cpu", "fp32")
-    try:
+
+    def step(runtime):
         method = _method(settings, runtime)
         share = batch["input_ids"].shape[0] // world
         local = {k: v[rank * share:(rank + 1) * share] for k, v in batch.items()}
@@ -138,8 +139,8 @@ def _global_negatives_worker(rank, world, port, settings, batch, out):
         if rank == 0:
             torch.save({"parts": parts, "grads": _grads(method)}, out)
         runtime.barrier()
-    finally:
-        shutdown(runtime)
+
+    run_with_runtime("cpu", "fp32", step)
 
 
 @pytest.mark.parametrize("num_negatives", [None, 5])
@@ -162,6 +163,16 @@ def test_two_processes_with_global_negatives_equal_one_with_the_whole_batch(teac
 
 def _distill_worker(rank, world, port, settings):
     _as_rank(rank, world, port)
+    destroy = torch.distributed.destroy_process_group
+
+    def count_live_ddp_modules_then_destroy():
+        from torch.nn.parallel import DistributedDataParallel
+
+        live = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+        (Path(settings["output"]) / f"ddp-modules-at-destroy-rank{rank}").write_text(str(live))
+        destroy()
+
+    torch.distributed.destroy_process_group = count_live_ddp_modules_then_destroy
     runs.run_training(build_config(None, **settings), "distill")
 
 
@@ -172,6 +183,9 @@ def test_ddp_run_resumes_on_another_world_size_and_matches_one_process(teacher, 
     runs.run_training(build_config(None, **one), "distill")
     two = _settings(teacher, tmp_path / "two", student_config, **common)
     _spawn(_distill_worker, 2, two)
+    # A DDP reducer alive when the group is destroyed would drop it later with the GIL held,
+    # which can deadlock the rank at exit (runtime.run_with_runtime).
+    assert [(tmp_path / "two" / f"ddp-modules-at-destroy-rank{r}").read_text() for r in (0, 1)] == ["0", "0"]
     # Rank 0 alone wrote the run's files.
     assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").glob("step-*")) == ["step-00000003",
                                                                                          "step-00000006"]
@@ -507,3 +521,58 @@ def test_collective_timeout_comes_from_the_environment_and_bad_values_name_the_v
         monkeypatch.setenv("LRC_BERT_DIST_TIMEOUT_S", bad)
         with pytest.raises(ValueError, match="LRC_BERT_DIST_TIMEOUT_S"):
             dist_timeout()
+
+
+def _ddp_step_then_leave_worker(rank, world, _port, ports):
+    from torch.nn.parallel import DistributedDataParallel
+
+    def step(runtime):
+        model = DistributedDataParallel(torch.nn.Linear(8, 8))
+        model(torch.randn(4, 8)).sum().backward()
+        total = torch.ones(1000)
+        torch.distributed.all_reduce(total)
+        assert total[0] == world
+
+    for port in ports:
+        _as_rank(rank, world, port, deadline_s=90)
+        run_with_runtime("cpu", "fp32", step)
+
+
+def test_ranks_leave_the_process_group_without_hanging():
+    """Twelve DDP runs end in a row. With the group destroyed while the DDP module lived, the
+    rank hung at exit within 2 to 10 such runs here (~ProcessGroupGloo under the GIL)."""
+    _spawn(_ddp_step_then_leave_worker, 2, [_free_port() for _ in range(12)], deadline_s=120)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_run_is_released_before_the_process_group_is_destroyed(monkeypatch, fails):
+    """What the run built (a DDP reducer holds the group) is gone when destroy_process_group runs,
+    on success and when the run raises: a failed run's traceback would otherwise keep it alive."""
+    import weakref
+
+    from lrc_bert import runtime as runtime_module
+
+    class Reducer:  # stands in for a DDP module, which sits in a reference cycle
+        def __init__(self):
+            self.me = self
+
+    alive_at_destroy = []
+    built = []
+    monkeypatch.setattr(runtime_module, "init_runtime", lambda *_: Runtime(torch.device("cpu"), world_size=2))
+    monkeypatch.setattr(runtime_module.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(runtime_module.dist, "destroy_process_group",
+                        lambda: alive_at_destroy.append(built[0]() is not None))
+
+    def body(runtime):
+        reducer = Reducer()
+        built.append(weakref.ref(reducer))
+        if fails:
+            raise RuntimeError("step 3 failed")
+        return "done"
+
+    if fails:
+        with pytest.raises(RuntimeError, match="step 3 failed"):
+            run_with_runtime("cpu", "fp32", body)
+    else:
+        assert run_with_runtime("cpu", "fp32", body) == "done"
+    assert alive_at_destroy == [False]

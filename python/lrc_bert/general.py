@@ -96,55 +96,57 @@ def general_plan_settings(cfg: TrainConfig) -> None:
 
 def run_general_distill(cfg: TrainConfig, resume: bool = False, on_step=None) -> dict:
     """Tokenise (once, cached) and pack the corpus, then train the student in the shared Trainer."""
-    from transformers import AutoModel
-
-    from .corpus import CorpusSource, PackedCorpus, cache_root, collate_packed, tokenize_corpus
-    from .runs import _load_tokenizer, prepare_run_folder
-    from .runtime import init_runtime, shutdown
-    from .trainer import Trainer
+    from .corpus import CorpusSource
+    from .runs import prepare_run_folder
+    from .runtime import run_with_runtime
 
     general_plan_settings(cfg)
     validate(cfg, "general-distill")
     source = CorpusSource(cfg.corpus, cfg.dataset, cfg.dataset_config, cfg.dataset_split, cfg.text_column,
                           cfg.dataset_streaming)
     existing = prepare_run_folder(cfg, resume)
-    runtime = init_runtime(cfg.device, cfg.precision)
-    try:
-        torch.manual_seed(cfg.seed)
-        from .runs import clear_run
+    return run_with_runtime(cfg.device, cfg.precision,
+                            lambda runtime: _general_distill(cfg, source, resume, on_step, existing, runtime))
 
-        if existing and not resume and runtime.is_main:
-            clear_run(Path(cfg.output), existing)
-        runtime.barrier()
-        Path(cfg.output).mkdir(parents=True, exist_ok=True)
-        tokenizer = _load_tokenizer(cfg.teacher)
-        folder = tokenize_corpus(source, tokenizer, cache_root(cfg)) if runtime.is_main else None
-        runtime.barrier()
-        folder = folder or tokenize_corpus(source, tokenizer, cache_root(cfg))  # other ranks: the cached file
-        packed = PackedCorpus(folder, cfg.max_length, tokenizer.cls_token_id, tokenizer.sep_token_id)
-        train, held_out = packed.split(cfg.validation_fraction)
-        log.info("corpus: %d training and %d held-out sequences of %d tokens", len(train), len(held_out),
-                 cfg.max_length)
-        teacher = AutoModel.from_pretrained(cfg.teacher)
-        method = GeneralDistillMethod(cfg, teacher, tokenizer, runtime)
-        if runtime.rank:
-            torch.manual_seed(cfg.seed + 7919 * runtime.rank)
-        if runtime.is_main:
-            from .config import save_config
 
-            save_config(cfg, Path(cfg.output) / "config.json")
-        trainer = Trainer(cfg, method, train, {"validation": held_out}, collate_packed, None, runtime, "validation")
-        final = trainer.fit(resume=resume, on_step=on_step)
-        best = Path(cfg.output) / "checkpoints" / "best"
-        if runtime.is_main and best.is_dir():
-            import shutil
+def _general_distill(cfg: TrainConfig, source, resume: bool, on_step, existing: list, runtime) -> dict:
+    from transformers import AutoModel
 
-            with atomic_directory(Path(cfg.output) / "student") as tmp:
-                for item in best.iterdir():
-                    if item.name != "manifest.json":
-                        shutil.copy2(item, tmp / item.name)
-            log.info("exported the best general student (step %s, %s = %.4f) to %s", trainer.best["step"],
-                     VALIDATION_KEY, trainer.best["value"], Path(cfg.output) / "student")
-        return final
-    finally:
-        shutdown(runtime)
+    from .corpus import PackedCorpus, cache_root, collate_packed, tokenize_corpus
+    from .runs import _load_tokenizer, clear_run
+    from .trainer import Trainer
+
+    torch.manual_seed(cfg.seed)
+    if existing and not resume and runtime.is_main:
+        clear_run(Path(cfg.output), existing)
+    runtime.barrier()
+    Path(cfg.output).mkdir(parents=True, exist_ok=True)
+    tokenizer = _load_tokenizer(cfg.teacher)
+    folder = tokenize_corpus(source, tokenizer, cache_root(cfg)) if runtime.is_main else None
+    runtime.barrier()
+    folder = folder or tokenize_corpus(source, tokenizer, cache_root(cfg))  # other ranks: the cached file
+    packed = PackedCorpus(folder, cfg.max_length, tokenizer.cls_token_id, tokenizer.sep_token_id)
+    train, held_out = packed.split(cfg.validation_fraction)
+    log.info("corpus: %d training and %d held-out sequences of %d tokens", len(train), len(held_out),
+             cfg.max_length)
+    teacher = AutoModel.from_pretrained(cfg.teacher)
+    method = GeneralDistillMethod(cfg, teacher, tokenizer, runtime)
+    if runtime.rank:
+        torch.manual_seed(cfg.seed + 7919 * runtime.rank)
+    if runtime.is_main:
+        from .config import save_config
+
+        save_config(cfg, Path(cfg.output) / "config.json")
+    trainer = Trainer(cfg, method, train, {"validation": held_out}, collate_packed, None, runtime, "validation")
+    final = trainer.fit(resume=resume, on_step=on_step)
+    best = Path(cfg.output) / "checkpoints" / "best"
+    if runtime.is_main and best.is_dir():
+        import shutil
+
+        with atomic_directory(Path(cfg.output) / "student") as tmp:
+            for item in best.iterdir():
+                if item.name != "manifest.json":
+                    shutil.copy2(item, tmp / item.name)
+        log.info("exported the best general student (step %s, %s = %.4f) to %s", trainer.best["step"],
+                 VALIDATION_KEY, trainer.best["value"], Path(cfg.output) / "student")
+    return final

@@ -40,62 +40,64 @@ def run_training(cfg: TrainConfig, command: str, resume: bool = False, on_step=N
 
     Under torchrun this process joins the process group first; see ``runtime.py``.
     """
+    from .runtime import run_with_runtime
+
+    validate(cfg, command)
+    existing = prepare_run_folder(cfg, resume)
+    return run_with_runtime(cfg.device, cfg.precision,
+                            lambda runtime: _train_and_export(cfg, command, resume, on_step, existing, runtime))
+
+
+def _train_and_export(cfg: TrainConfig, command: str, resume: bool, on_step, existing: list, runtime) -> dict:
     import torch
 
     from .data import Collator
-    from .runtime import init_runtime, shutdown
     from .tasks import dev_splits, get_task
     from .trainer import Trainer
 
-    validate(cfg, command)
     task = get_task(cfg.task)
     output = Path(cfg.output)
-    existing = prepare_run_folder(cfg, resume)
-    runtime = init_runtime(cfg.device, cfg.precision)
     if not runtime.is_main:
         logging.getLogger("lrc_bert").setLevel(logging.WARNING)
-    try:
-        torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-        if existing and not resume and runtime.is_main:
-            clear_run(output, existing)
-        runtime.barrier()
-        output.mkdir(parents=True, exist_ok=True)
-        tokenizer = _load_tokenizer(cfg.model if command == "finetune" else cfg.teacher)
-        train, evals = _datasets(cfg, task, tokenizer, with_train=True)
-        if command == "finetune":
-            from .finetune import FinetuneMethod
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
+    if existing and not resume and runtime.is_main:
+        clear_run(output, existing)
+    runtime.barrier()
+    output.mkdir(parents=True, exist_ok=True)
+    tokenizer = _load_tokenizer(cfg.model if command == "finetune" else cfg.teacher)
+    train, evals = _datasets(cfg, task, tokenizer, with_train=True)
+    if command == "finetune":
+        from .finetune import FinetuneMethod
 
-            method = FinetuneMethod(cfg, task, tokenizer, runtime)
-        else:
-            from .distill import DistillMethod
+        method = FinetuneMethod(cfg, task, tokenizer, runtime)
+    else:
+        from .distill import DistillMethod
 
-            teacher, cache = _teacher_or_cache(cfg, train)
-            method = DistillMethod(cfg, task, teacher, tokenizer, runtime, cache)
-        if runtime.rank:
-            torch.manual_seed(cfg.seed + 7919 * runtime.rank)  # dropout differs across ranks
-        if runtime.is_main:
-            save_config(cfg, output / "config.json")
-        trainer = Trainer(cfg, method, train, evals, Collator(tokenizer, task.is_regression), task, runtime,
-                          dev_splits(task)[0])
-        final = trainer.fit(resume=resume, on_step=on_step)
-        best = output / "checkpoints" / "best"
-        export = output / ("model" if command == "finetune" else "student")
-        if runtime.is_main and best.is_dir():
-            import shutil
+        teacher, cache = _teacher_or_cache(cfg, train)
+        method = DistillMethod(cfg, task, teacher, tokenizer, runtime, cache)
+    if runtime.rank:
+        torch.manual_seed(cfg.seed + 7919 * runtime.rank)  # dropout differs across ranks
+    if runtime.is_main:
+        save_config(cfg, output / "config.json")
+    trainer = Trainer(cfg, method, train, evals, Collator(tokenizer, task.is_regression), task, runtime,
+                      dev_splits(task)[0])
+    final = trainer.fit(resume=resume, on_step=on_step)
+    best = output / "checkpoints" / "best"
+    export = output / ("model" if command == "finetune" else "student")
+    if runtime.is_main and best.is_dir():
+        import shutil
 
-            from .checkpoint import atomic_directory
+        from .checkpoint import atomic_directory
 
-            from .model_card import write_model_card
+        from .model_card import write_model_card
 
-            with atomic_directory(export) as tmp:
-                for item in best.iterdir():
-                    shutil.copy2(item, tmp / item.name)
-                write_model_card(tmp, cfg, command, task, trainer.best, trainer.main_key)
-            log.info("exported the best model (step %s, %s = %s) to %s", trainer.best["step"], trainer.main_key,
-                     trainer.best["value"], export)
-        return final
-    finally:
-        shutdown(runtime)
+        with atomic_directory(export) as tmp:
+            for item in best.iterdir():
+                shutil.copy2(item, tmp / item.name)
+            write_model_card(tmp, cfg, command, task, trainer.best, trainer.main_key)
+        log.info("exported the best model (step %s, %s = %s) to %s", trainer.best["step"], trainer.main_key,
+                 trainer.best["value"], export)
+    return final
 
 
 RUN_ARTIFACTS = ("checkpoints", "metrics.jsonl", "tensorboard", "model", "student", "config.json")

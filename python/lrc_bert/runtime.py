@@ -16,16 +16,19 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import logging
 import os
+import traceback
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 
 log = logging.getLogger("lrc_bert")
 
+T = TypeVar("T")
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -172,5 +175,27 @@ def _check_precision(device: torch.device, precision: str) -> None:
 
 
 def shutdown(runtime: Runtime) -> None:
+    """Leave the process group. Call it once nothing of the run is left (see :func:`run_with_runtime`)."""
     if runtime.distributed and dist.is_initialized():
+        gc.collect()  # DDP modules sit in reference cycles; their reducers hold the group
         dist.destroy_process_group()
+
+
+def run_with_runtime(device_name: str, precision: str, body: Callable[[Runtime], T]) -> T:
+    """``body(runtime)`` in this process's runtime, then :func:`shutdown`.
+
+    The group must die in ``destroy_process_group``, which drops it without the GIL. A DDP
+    reducer still alive then holds the last reference, and drops it later with the GIL held:
+    ``~ProcessGroupGloo`` joins its worker threads while one of them waits for the GIL to free
+    the tensors of the collective it just finished, and the rank hangs at exit. So the body's
+    frame ends first, and a failed body's frames are cleared, before the group goes.
+    """
+    runtime = init_runtime(device_name, precision)
+    try:
+        return body(runtime)
+    except BaseException as error:
+        if runtime.distributed:
+            traceback.clear_frames(error.__traceback__)
+        raise
+    finally:
+        shutdown(runtime)
