@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -548,8 +549,6 @@ def test_ranks_leave_the_process_group_without_hanging():
 def test_the_run_is_released_before_the_process_group_is_destroyed(monkeypatch, fails):
     """What the run built (a DDP reducer holds the group) is gone when destroy_process_group runs,
     on success and when the run raises: a failed run's traceback would otherwise keep it alive."""
-    import weakref
-
     from lrc_bert import runtime as runtime_module
 
     class Reducer:  # stands in for a DDP module, which sits in a reference cycle

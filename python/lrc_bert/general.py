@@ -113,14 +113,10 @@ def _general_distill(cfg: TrainConfig, source, resume: bool, on_step, existing: 
     from transformers import AutoModel
 
     from .corpus import PackedCorpus, cache_root, collate_packed, tokenize_corpus
-    from .runs import _load_tokenizer, clear_run
+    from .runs import _load_tokenizer, open_run_folder
     from .trainer import Trainer
 
-    torch.manual_seed(cfg.seed)
-    if existing and not resume and runtime.is_main:
-        clear_run(Path(cfg.output), existing)
-    runtime.barrier()
-    Path(cfg.output).mkdir(parents=True, exist_ok=True)
+    open_run_folder(cfg, existing, resume, runtime)
     tokenizer = _load_tokenizer(cfg.teacher)
     folder = tokenize_corpus(source, tokenizer, cache_root(cfg)) if runtime.is_main else None
     runtime.barrier()

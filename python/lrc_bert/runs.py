@@ -59,11 +59,7 @@ def _train_and_export(cfg: TrainConfig, command: str, resume: bool, on_step, exi
     output = Path(cfg.output)
     if not runtime.is_main:
         logging.getLogger("lrc_bert").setLevel(logging.WARNING)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
-    if existing and not resume and runtime.is_main:
-        clear_run(output, existing)
-    runtime.barrier()
-    output.mkdir(parents=True, exist_ok=True)
+    open_run_folder(cfg, existing, resume, runtime)
     tokenizer = _load_tokenizer(cfg.model if command == "finetune" else cfg.teacher)
     train, evals = _datasets(cfg, task, tokenizer, with_train=True)
     if command == "finetune":
@@ -116,6 +112,18 @@ def prepare_run_folder(cfg: TrainConfig, resume: bool) -> list[Path]:
 def run_artifacts(output: Path) -> list[Path]:
     """What a training run writes into its folder, as far as ``output`` holds it."""
     return [output / name for name in RUN_ARTIFACTS if (output / name).exists()]
+
+
+def open_run_folder(cfg: TrainConfig, existing: list[Path], resume: bool, runtime) -> None:
+    """A run's start on every rank: the same seed (so the same initial weights; DDP also
+    broadcasts rank 0's), the earlier run cleared by rank 0 (see prepare_run_folder), and --output."""
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    if existing and not resume and runtime.is_main:
+        clear_run(Path(cfg.output), existing)
+    runtime.barrier()
+    Path(cfg.output).mkdir(parents=True, exist_ok=True)
 
 
 def clear_run(output: Path, artifacts: list[Path]) -> None:
