@@ -425,7 +425,13 @@ def markdown(payload: dict) -> str:
         table += (f"\n\n`auto` against best eager over the B x D sweep ({len(sweep)} shapes, B 2 to 256, D 64 to "
                   f"98,304; on the CPU the median ratio of the two timed back to back, about 0.5 s of each): worst {worst['speedup_vs_eager']:.2f}x ({worst['label']}), median "
                   f"{sorted(r['speedup_vs_eager'] for r in sweep)[len(sweep) // 2]:.2f}x.")
-    return head + "\n\n" + table + "\n\n![speedup and roofline](" + f"{env['device_slug']}-cos_nce.png)"
+    figure = f"\n\n![speedup and roofline]({env['device_slug']}-cos_nce.png)" if has_sweeps(payload) else ""
+    return head + "\n\n" + table + figure
+
+
+def has_sweeps(payload: dict) -> bool:
+    """Whether the D and K sweeps ran: the figure plots them, and is not drawn (or linked) without."""
+    return any(r["case"]["group"] in ("sweep-D", "sweep-K") and "fwd_bwd_ms" in r for r in payload["results"])
 
 
 def plot(payload: dict, path: Path) -> None:
@@ -477,7 +483,8 @@ def main(argv=None) -> Path:
     name = "cos_nce-smoke" if args.smoke else "cos_nce"
     path = common.write_json(name, payload, args.out)
     if not args.smoke:
-        plot(payload, args.out / f"{payload['env']['device_slug']}-cos_nce.png")
+        if has_sweeps(payload):
+            plot(payload, args.out / f"{payload['env']['device_slug']}-cos_nce.png")
         common.write_device_markdown(payload["env"]["device_slug"], {"COS-NCE kernel": markdown(payload)}, args.out)
     print(f"wrote {path}")
     return path

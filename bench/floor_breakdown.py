@@ -16,7 +16,8 @@ Each part's x floor is the median over the rounds of its time over that round's 
 to the true minimum bytes as in bench_cos_nce.py. ``op`` minus ``kernel`` is the per-call cost
 outside the kernel (Python, autograd); ``kernel`` minus ``forward only``, roughly, the gradient
 work. ``--runs`` repeats the whole measurement in new rounds, since on a shared machine one run's
-median moves by more than the margins measured.
+median moves by more than the margins measured; with more than one run, a last line gives each
+column's median over the runs.
 """
 
 from __future__ import annotations
@@ -91,11 +92,14 @@ def main(argv=None) -> None:
           f"medians of {args.rounds} interleaved rounds per run")
     header = ["floor ms", "forward only x floor", "kernel x floor", "op x floor", "op - kernel ms"]
     print("run | " + " | ".join(header))
+    runs = []
     for run in range(args.runs):
         r = measure(args.loss, batch, num_neg, dim, args.rounds)
-        values = [r["floor ms"], r["forward only x floor"], r["kernel x floor"], r["op x floor"],
-                  r["op ms"] - r["kernel ms"]]
-        print(f"{run + 1} | " + " | ".join(f"{v:.3f}" for v in values), flush=True)
+        runs.append([r["floor ms"], r["forward only x floor"], r["kernel x floor"], r["op x floor"],
+                     r["op ms"] - r["kernel ms"]])
+        print(f"{run + 1} | " + " | ".join(f"{v:.3f}" for v in runs[-1]), flush=True)
+    if len(runs) > 1:  # each column's median over the runs: one run samples one phase of a shared machine
+        print("median | " + " | ".join(f"{statistics.median(col):.3f}" for col in zip(*runs)))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,10 @@ def test_kernel_benchmark_smoke(tmp_path):
     ok = [r for r in payload["results"] if "error" not in r]
     assert len(ok) == len(payload["results"])
     assert all(r["fwd_ms"] > 0 and r["bwd_ms"] > 0 and r["speedup_vs_eager"] > 0 for r in ok)
+    # The figure plots the D and K sweeps: without them (as in --groups paper) none is linked.
+    assert "![speedup" not in bench_cos_nce.markdown(payload)
+    payload["results"][0]["case"]["group"] = "sweep-D"
+    assert "![speedup and roofline](" in bench_cos_nce.markdown(payload)
 
 
 def test_cpu_peak_memory_sees_a_temporary():
@@ -69,9 +73,13 @@ def test_floor_breakdown_reports_each_part_against_the_floor(capsys):
     floor_breakdown.main(["--shape", "3,2,70", "--rounds", "2", "--runs", "2", "--loss", "info_nce"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("info_nce, B=3 K=2 D=70") and lines[1].startswith("run | floor ms")
-    rows = [[float(v) for v in line.split(" | ")] for line in lines[2:]]
+    rows = [[float(v) for v in line.split(" | ")] for line in lines[2:4]]
     assert [row[0] for row in rows] == [1, 2]
     assert all(len(row) == 6 and min(row[1:5]) > 0 for row in rows)  # floor ms, then three x floor
+    median = lines[4].split(" | ")
+    assert median[0] == "median" and len(median) == 6
+    assert [float(v) for v in median[1:]] == pytest.approx([(a + b) / 2 for a, b in zip(rows[0][1:], rows[1][1:])],
+                                                           abs=1e-3)
     with pytest.raises(SystemExit) as bad:
         floor_breakdown.main(["--shape", "3,2"])
     assert bad.value.code == 2 and "--shape must be B,K,D" in capsys.readouterr().err
