@@ -79,7 +79,7 @@ def test_floor_breakdown_reports_each_part_against_the_floor(capsys):
     median = lines[4].split(" | ")
     assert median[0] == "median" and len(median) == 6
     assert [float(v) for v in median[1:]] == pytest.approx([(a + b) / 2 for a, b in zip(rows[0][1:], rows[1][1:])],
-                                                           abs=1e-3)
+                                                           abs=2e-3)  # each printed to 3 decimals
     with pytest.raises(SystemExit) as bad:
         floor_breakdown.main(["--shape", "3,2"])
     assert bad.value.code == 2 and "--shape must be B,K,D" in capsys.readouterr().err
