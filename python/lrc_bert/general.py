@@ -113,7 +113,7 @@ def _general_distill(cfg: TrainConfig, source, resume: bool, on_step, existing: 
     from transformers import AutoModel
 
     from .corpus import PackedCorpus, cache_root, collate_packed, tokenize_corpus
-    from .runs import _load_tokenizer, open_run_folder
+    from .runs import _load_tokenizer, export_best, open_run_folder
     from .trainer import Trainer
 
     open_run_folder(cfg, existing, resume, runtime)
@@ -135,14 +135,7 @@ def _general_distill(cfg: TrainConfig, source, resume: bool, on_step, existing: 
         save_config(cfg, Path(cfg.output) / "config.json")
     trainer = Trainer(cfg, method, train, {"validation": held_out}, collate_packed, None, runtime, "validation")
     final = trainer.fit(resume=resume, on_step=on_step)
-    best = Path(cfg.output) / "checkpoints" / "best"
-    if runtime.is_main and best.is_dir():
-        import shutil
-
-        with atomic_directory(Path(cfg.output) / "student") as tmp:
-            for item in best.iterdir():
-                if item.name != "manifest.json":
-                    shutil.copy2(item, tmp / item.name)
+    if runtime.is_main and export_best(Path(cfg.output), Path(cfg.output) / "student"):
         log.info("exported the best general student (step %s, %s = %.4f) to %s", trainer.best["step"],
                  VALIDATION_KEY, trainer.best["value"], Path(cfg.output) / "student")
     return final

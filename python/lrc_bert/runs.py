@@ -78,22 +78,35 @@ def _train_and_export(cfg: TrainConfig, command: str, resume: bool, on_step, exi
     trainer = Trainer(cfg, method, train, evals, Collator(tokenizer, task.is_regression), task, runtime,
                       dev_splits(task)[0])
     final = trainer.fit(resume=resume, on_step=on_step)
-    best = output / "checkpoints" / "best"
     export = output / ("model" if command == "finetune" else "student")
-    if runtime.is_main and best.is_dir():
-        import shutil
-
-        from .checkpoint import atomic_directory
-
+    if runtime.is_main:
         from .model_card import write_model_card
 
-        with atomic_directory(export) as tmp:
-            for item in best.iterdir():
-                shutil.copy2(item, tmp / item.name)
-            write_model_card(tmp, cfg, command, task, trainer.best, trainer.main_key)
-        log.info("exported the best model (step %s, %s = %s) to %s", trainer.best["step"], trainer.main_key,
-                 trainer.best["value"], export)
+        if export_best(output, export, lambda tmp: write_model_card(tmp, cfg, command, task, trainer.best,
+                                                                      trainer.main_key)):
+            log.info("exported the best model (step %s, %s = %s) to %s", trainer.best["step"], trainer.main_key,
+                     trainer.best["value"], export)
     return final
+
+
+def export_best(output: Path, export: Path, add_files=None) -> bool:
+    """Copy the run's best checkpoint (``checkpoints/best``) to ``export`` atomically, with
+    ``add_files(folder)`` writing anything more into it first; the copy gets its own manifest.
+    False (nothing written) when no checkpoint was kept."""
+    import shutil
+
+    from .checkpoint import atomic_directory
+
+    best = output / "checkpoints" / "best"
+    if not best.is_dir():
+        return False
+    with atomic_directory(export) as tmp:
+        for item in best.iterdir():
+            if item.name != "manifest.json":  # atomic_directory writes the copy's
+                shutil.copy2(item, tmp / item.name)
+        if add_files is not None:
+            add_files(tmp)
+    return True
 
 
 RUN_ARTIFACTS = ("checkpoints", "metrics.jsonl", "tensorboard", "model", "student", "config.json")
